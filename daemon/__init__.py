@@ -1,0 +1,1 @@
+"""The service: config, state DB, HTTP API, auth, the atoll CLI."""

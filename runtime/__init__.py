@@ -1,0 +1,1 @@
+"""Running models: the content-addressed store, inference worker processes, the scheduler."""

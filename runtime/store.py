@@ -1,0 +1,262 @@
+"""The content-addressed model store and its catalog of model families.
+
+Layout under the state dir:
+
+    blobs/sha256-<hex>   model files, named by the SHA-256 of their content
+    staging/             partial copies; same filesystem as blobs/ so a rename is atomic
+    catalog.json         families -> variants (digests), written atomically
+
+A blob's name is always a validated digest computed here while copying, never a path
+that came from outside. A family is a model the API serves under one name (e.g.
+"smollm2"); its variants are quantizations or context sizes of that model. The catalog
+stores only digests and provenance; what the GGUF header says is read from the blob at
+inspection, so a corrupt or truncated blob is reported as broken with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from hardware.gguf import GGUFError, GGUFInfo, read_gguf
+from runtime.errors import BadRequest
+
+log = logging.getLogger(__name__)
+
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+FAMILY_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+COPY_CHUNK = 1 << 20
+TASKS = ("generate", "embed")
+
+
+class StoreError(BadRequest):
+    """A file could not be placed in the store; the message says why."""
+
+
+def validate_digest(digest: str) -> str:
+    """Return `digest` (64 lower-case hex chars, optional 'sha256-'/'sha256:' prefix stripped) or raise."""
+    d = digest.removeprefix("sha256-").removeprefix("sha256:")
+    if not DIGEST_RE.fullmatch(d):
+        raise StoreError(f"not a sha256 digest: {digest!r}")
+    return d
+
+
+def validate_family(name: str) -> str:
+    """Return `name` if it is a usable family name (lower-case letters, digits, . _ -)."""
+    if not FAMILY_RE.fullmatch(name):
+        raise StoreError(f"bad family name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Variant:
+    """One file of a family as the catalog lists it, plus what inspection found."""
+
+    family: str
+    digest: str
+    size: int
+    source_name: str
+    added: str
+    task: str = "generate"
+    info: GGUFInfo | None = field(default=None, repr=False)
+    broken: str | None = None
+
+    @property
+    def quantization(self) -> str:
+        """Quantization type from the header, 'unknown' if unreadable."""
+        return self.info.quantization if self.info else "unknown"
+
+    def to_json(self) -> dict[str, Any]:
+        """The variant as shown by `atoll models list --json` and the admin API."""
+        return {
+            "family": self.family, "digest": self.digest, "size": self.size,
+            "source_name": self.source_name, "added": self.added, "task": self.task,
+            "broken": self.broken, "gguf": self.info.summary() if self.info else None,
+        }
+
+
+class ModelStore:
+    """Blobs by digest plus the family catalog, rooted at a state directory."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(state_dir)
+        self.blobs_dir = self.root / "blobs"
+        self.staging_dir = self.root / "staging"
+        self.catalog_path = self.root / "catalog.json"
+
+    def ensure(self) -> None:
+        """Create the store's directories if missing."""
+        for d in (self.root, self.blobs_dir, self.staging_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, digest: str) -> Path:
+        """Path of the blob with this digest (validated; never a path from outside)."""
+        return self.blobs_dir / f"sha256-{validate_digest(digest)}"
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether a blob with this digest is present."""
+        return self.blob_path(digest).is_file()
+
+    # -- placing blobs -------------------------------------------------------------------
+
+    def ingest(self, src: BinaryIO, *, expected_digest: str | None = None,
+               expected_size: int | None = None) -> tuple[str, int]:
+        """Copy `src` into the store while hashing it; return (digest, size).
+
+        Reads at most expected_size + 1 bytes when a size is given, so a longer source is
+        refused without reading it all. The copy is fsynced in staging, renamed into
+        blobs/ and the directory fsynced; on any failure the partial copy is removed and
+        the store is unchanged.
+        """
+        self.ensure()
+        want = validate_digest(expected_digest) if expected_digest else None
+        h = hashlib.sha256()
+        size = 0
+        cap = None if expected_size is None else expected_size + 1
+        fd, tmp_name = tempfile.mkstemp(prefix="ingest-", dir=self.staging_dir)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                buf = bytearray(COPY_CHUNK)
+                view = memoryview(buf)
+                while cap is None or size < cap:
+                    n = src.readinto(view if cap is None else view[: min(COPY_CHUNK, cap - size)])  # type: ignore[attr-defined]
+                    if not n:
+                        break
+                    h.update(view[:n])
+                    out.write(view[:n])
+                    size += n
+                out.flush()
+                os.fsync(out.fileno())
+            digest = h.hexdigest()
+            if expected_size is not None and size != expected_size:
+                raise StoreError(f"size mismatch: expected {expected_size} bytes, got "
+                                 f"{'more' if size > expected_size else size}")
+            if want is not None and digest != want:
+                raise StoreError(f"hash mismatch: expected sha256 {want}, got {digest}")
+            final = self.blob_path(digest)
+            os.replace(tmp, final)
+            _fsync_dir(self.blobs_dir)
+            return digest, size
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    # -- the catalog ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.ensure()
+        with (self.root / ".catalog.lock").open("a") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            yield
+
+    def _read_catalog(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.catalog_path.read_text())
+        except FileNotFoundError:
+            return {"families": {}}
+        except (OSError, ValueError) as e:
+            raise StoreError(f"catalog {self.catalog_path} is unreadable: {e}") from e
+        if not isinstance(data, dict) or not isinstance(data.get("families"), dict):
+            raise StoreError(f"catalog {self.catalog_path} has no 'families' object")
+        return data
+
+    def _write_catalog(self, data: dict[str, Any]) -> None:
+        tmp = self.catalog_path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.catalog_path)
+        _fsync_dir(self.root)
+
+    def add_file(self, path: str | os.PathLike[str], family: str | None = None,
+                 task: str | None = None) -> Variant:
+        """Copy a local GGUF file into the store and list it as a variant of `family`.
+
+        The file must parse as GGUF; the family defaults to the header's basename.
+        Adding a file already present is a no-op that returns the existing variant.
+        """
+        p = Path(path)
+        try:
+            info = read_gguf(p)
+        except GGUFError as e:
+            raise StoreError(f"{p}: {e}") from e
+        fam = validate_family(family or _default_family(info, p))
+        if task is None:
+            task = "embed" if info.is_embedding_model else "generate"
+        if task not in TASKS:
+            raise StoreError(f"unknown task {task!r}: one of {', '.join(TASKS)}")
+        with p.open("rb") as f:
+            digest, size = self.ingest(f)
+        with self._locked():
+            cat = self._read_catalog()
+            entry = cat["families"].setdefault(fam, {"task": task, "variants": []})
+            if entry.get("task", "generate") != task:
+                raise StoreError(f"family {fam!r} serves task {entry['task']!r}, not {task!r}")
+            for v in entry["variants"]:
+                if v["digest"] == digest:
+                    return self._variant(fam, entry, v)
+            v = {"digest": digest, "size": size, "source_name": p.name,
+                 "added": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+            entry["variants"].append(v)
+            self._write_catalog(cat)
+        log.info("added %s to family %s as sha256-%s (%d bytes)", p.name, fam, digest, size)
+        return self._variant(fam, entry, v, info)
+
+    def _variant(self, fam: str, entry: dict[str, Any], v: dict[str, Any],
+                 info: GGUFInfo | None = None) -> Variant:
+        return Variant(family=fam, digest=v["digest"], size=int(v["size"]),
+                       source_name=str(v.get("source_name", "")), added=str(v.get("added", "")),
+                       task=str(entry.get("task", "generate")), info=info)
+
+    def families(self) -> dict[str, list[Variant]]:
+        """Every family and its variants, each inspected: header read, size checked, or marked broken."""
+        cat = self._read_catalog()
+        out: dict[str, list[Variant]] = {}
+        for fam, entry in sorted(cat["families"].items()):
+            out[fam] = [self.inspect(self._variant(fam, entry, v)) for v in entry.get("variants", [])]
+        return out
+
+    def inspect(self, v: Variant) -> Variant:
+        """Fill in v.info from the blob's header, or set v.broken with the reason."""
+        try:
+            path = self.blob_path(v.digest)
+            actual = path.stat().st_size
+            if actual != v.size:
+                raise GGUFError(f"blob is {actual} bytes, catalog says {v.size}")
+            v.info = read_gguf(path)
+        except FileNotFoundError:
+            v.broken = "blob missing from the store"
+        except (GGUFError, StoreError) as e:
+            v.broken = str(e)
+        if v.broken:
+            log.warning("model %s variant sha256-%s is broken: %s", v.family, v.digest[:12], v.broken)
+        return v
+
+
+def _default_family(info: GGUFInfo, path: Path) -> str:
+    base = info.get("general.basename") or path.stem.split(".")[0]
+    size = info.get("general.size_label")
+    name = f"{base}-{size}" if size and str(size).lower() not in str(base).lower() else str(base)
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")[:64] or "model"

@@ -1,0 +1,1 @@
+"""Getting updates in: signed bundles, trust roots, verification, staging, apply and rollback."""
