@@ -1,0 +1,54 @@
+"""Health probes and the admin API (admin role; errors in the same documented shape as /v1)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+from aiohttp import web
+
+from daemon.services import SERVICES
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the process is alive and its event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 once a model is loaded and answering, 503 while none is."""
+    sched = request.app[SERVICES].scheduler
+    models = {name: r.state for name, r in sched.runners.items()}
+    ready = sched.any_ready()
+    return web.json_response({"status": "ready" if ready else "not ready", "models": models},
+                             status=200 if ready else 503)
+
+
+async def admin_status(request: web.Request) -> web.Response:
+    """GET /admin/status: what the daemon serves, for `atoll status`."""
+    s = request.app[SERVICES]
+    proc = psutil.Process(os.getpid())
+    return web.json_response({
+        "version": request.app["version"],
+        "url": s.settings.url(),
+        "state_dir": str(s.settings.state_dir),
+        "uptime_seconds": round(time.monotonic() - s.started, 1),
+        "daemon_pid": os.getpid(),
+        "daemon_rss_bytes": proc.memory_info().rss,
+        "ready": s.scheduler.any_ready(),
+        "models": [r.status() for _, r in sorted(s.scheduler.runners.items())],
+    })
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """GET /admin/usage?limit=N: the latest usage records (metadata; text only if log_prompts)."""
+    s = request.app[SERVICES]
+    try:
+        limit = max(1, min(1000, int(request.query.get("limit", "100"))))
+    except ValueError:
+        from runtime.errors import BadRequest
+
+        raise BadRequest("limit must be an integer", param="limit") from None
+    rows = await s.db.run(s.db.usage, limit)
+    return web.json_response({"data": rows})

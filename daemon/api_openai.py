@@ -1,0 +1,280 @@
+"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from daemon.middleware import PRINCIPAL, error_body, read_json
+from daemon.schemas import CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST
+from daemon.services import SERVICES, Services
+from runtime.errors import AtollError, BadRequest, ContextLengthExceeded, Unavailable
+from runtime.scheduler import Job, ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Usage:
+    """What one request cost; written to the usage table when it ends."""
+
+    endpoint: str
+    model: str
+    principal: str
+    digest: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    ttft_ms: float | None = None
+    status: str = "ok"
+    http_status: int = 200
+    prompt_text: str | None = None
+    completion_text: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """The usage table row."""
+        return {"principal": self.principal, "endpoint": self.endpoint, "model": self.model,
+                "digest": self.digest, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "latency_ms": round((time.perf_counter() - self.t0) * 1000, 2), "ttft_ms": self.ttft_ms,
+                "status": self.status, "http_status": self.http_status,
+                "prompt_text": self.prompt_text, "completion_text": self.completion_text}
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+def _sampling(body: dict[str, Any], n_ctx: int | None, default_max: int | None) -> dict[str, Any]:
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max
+    if n_ctx is not None and max_tokens is not None and max_tokens >= n_ctx:
+        raise ContextLengthExceeded(f"max_tokens {max_tokens} is beyond the model's context window of "
+                                    f"{n_ctx} tokens", param="max_tokens")
+    stop = body.get("stop")
+    return {"max_tokens": max_tokens, "temperature": body.get("temperature", 1.0),
+            "top_p": body.get("top_p", 1.0), "seed": body.get("seed"),
+            "stop": [stop] if isinstance(stop, str) else list(stop or [])}
+
+
+def _usage_json(u: Usage) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+class Generation:
+    """One text generation request from submission to the usage record."""
+
+    def __init__(self, request: web.Request, endpoint: str, body: dict[str, Any]) -> None:
+        self.request = request
+        self.services: Services = request.app[SERVICES]
+        self.body = body
+        self.runner: ModelRunner = self.services.scheduler.get(body["model"])
+        self.usage = Usage(endpoint=endpoint, model=self.runner.family, principal=request[PRINCIPAL].name,
+                           digest=self.runner.variant.digest)
+        self.id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.text: list[str] = []
+
+    def n_ctx(self) -> int | None:
+        """The loaded model's context window, if it is loaded."""
+        info = self.runner.worker.ready_info if self.runner.worker else {}
+        n = info.get("n_ctx")
+        return int(n) if n else None
+
+    def submit(self, worker_request: dict[str, Any]) -> Job:
+        """Queue the request (raises 429/503 as the runner decides)."""
+        if self.services.settings.log_prompts:
+            self.usage.prompt_text = json.dumps(worker_request.get("messages") or worker_request.get("prompt"))
+        return self.runner.submit(worker_request)
+
+    async def events(self, job: Job) -> AsyncGenerator[dict[str, Any]]:
+        """The job's events, with usage filled in; stops (cancelling the job) if the client leaves."""
+        async with contextlib.aclosing(self.runner.stream(job)) as stream:
+            async for ev in stream:
+                kind = ev["ev"]
+                if kind == "start":
+                    self.usage.prompt_tokens = ev["prompt_tokens"]
+                    self.usage.ttft_ms = round((time.perf_counter() - self.usage.t0) * 1000, 2)
+                elif kind == "text":
+                    self.text.append(ev["text"])
+                elif kind == "done":
+                    self.usage.prompt_tokens = ev["prompt_tokens"]
+                    self.usage.completion_tokens = ev["completion_tokens"]
+                yield ev
+                if _client_gone(self.request):
+                    self.usage.status = "cancelled"
+                    self.usage.http_status = 499
+                    return
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Record usage (never the text unless log_prompts is on)."""
+        if isinstance(error, AtollError):
+            self.usage.status, self.usage.http_status = f"error:{error.code}", error.status
+        elif error is not None and self.usage.status == "ok":
+            self.usage.status, self.usage.http_status = "cancelled", 499
+        if self.services.settings.log_prompts:
+            self.usage.completion_text = "".join(self.text)
+        db = self.services.db
+        self.services.spawn(db.run(db.record_usage, self.usage.row()))
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    out = []
+    for m in body["messages"]:
+        content = m["content"]
+        if isinstance(content, list):
+            content = "".join(part["text"] for part in content)
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions."""
+    body = await read_json(request, CHAT_REQUEST)
+    gen = Generation(request, "chat", body)
+    try:
+        params = _sampling(body, gen.n_ctx(), None)
+        job = gen.submit({"op": "generate", "messages": _messages(body), **params})
+        if body.get("stream"):
+            return await _stream(gen, job, chat=True)
+        fin = "stop"
+        async for ev in gen.events(job):
+            if ev["ev"] == "done":
+                fin = ev["finish_reason"]
+        gen.finish()
+        return web.json_response({
+            "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.runner.family,
+            "system_fingerprint": f"sha256-{gen.runner.variant.digest[:16]}",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(gen.text)},
+                         "logprobs": None, "finish_reason": fin}],
+            "usage": _usage_json(gen.usage)})
+    except BaseException as e:
+        gen.finish(e)
+        raise
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions."""
+    body = await read_json(request, COMPLETION_REQUEST)
+    gen = Generation(request, "completions", body)
+    try:
+        prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0]
+        params = _sampling(body, gen.n_ctx(), gen.services.settings.completion_max_tokens_default)
+        job = gen.submit({"op": "generate", "prompt": prompt, **params})
+        if body.get("stream"):
+            return await _stream(gen, job, chat=False)
+        fin = "stop"
+        async for ev in gen.events(job):
+            if ev["ev"] == "done":
+                fin = ev["finish_reason"]
+        gen.finish()
+        return web.json_response({
+            "id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.runner.family,
+            "system_fingerprint": f"sha256-{gen.runner.variant.digest[:16]}",
+            "choices": [{"index": 0, "text": "".join(gen.text), "logprobs": None, "finish_reason": fin}],
+            "usage": _usage_json(gen.usage)})
+    except BaseException as e:
+        gen.finish(e)
+        raise
+
+
+async def _stream(gen: Generation, job: Job, *, chat: bool) -> web.StreamResponse:
+    """Send the job's tokens as server-sent events; errors before the first token stay HTTP errors."""
+    request = gen.request
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = bool((gen.body.get("stream_options") or {}).get("include_usage"))
+    resp: web.StreamResponse | None = None
+
+    def chunk(delta: dict[str, Any] | None = None, text: str | None = None,
+              finish: str | None = None) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["delta"] = delta or {}
+        else:
+            choice["text"] = text or ""
+        payload = {"id": gen.id, "object": obj, "created": gen.created, "model": gen.runner.family,
+                   "choices": [choice]}
+        return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+    try:
+        async with contextlib.aclosing(gen.events(job)) as events:
+            async for ev in events:
+                kind = ev["ev"]
+                if kind == "start":
+                    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                       "Cache-Control": "no-cache"})
+                    await resp.prepare(request)
+                    if chat:
+                        await resp.write(chunk({"role": "assistant", "content": ""}))
+                elif kind == "text" and resp is not None:
+                    await resp.write(chunk({"content": ev["text"]}, text=ev["text"]))
+                elif kind == "done" and resp is not None:
+                    fin = ev["finish_reason"]
+                    await resp.write(chunk({}, finish=fin if fin != "cancelled" else "stop"))
+                    if include_usage:
+                        payload = {"id": gen.id, "object": obj, "created": gen.created,
+                                   "model": gen.runner.family, "choices": [], "usage": _usage_json(gen.usage)}
+                        await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+                    await resp.write(b"data: [DONE]\n\n")
+    except AtollError as e:
+        if resp is None:
+            raise
+        gen.finish(e)
+        await resp.write(b"data: " + json.dumps(error_body(e)).encode() + b"\n\n")
+        return resp
+    except (ConnectionResetError, OSError) as e:
+        gen.usage.status, gen.usage.http_status = "cancelled", 499
+        log.info("client left during %s: %s", gen.id, e)
+        gen.finish()
+        return resp or web.StreamResponse()
+    gen.finish()
+    if resp is None:
+        raise Unavailable("the model produced no answer")
+    return resp
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """POST /v1/embeddings."""
+    body = await read_json(request, EMBEDDING_REQUEST)
+    gen = Generation(request, "embeddings", body)
+    try:
+        if gen.runner.variant.task != "embed":
+            raise BadRequest(f"model {gen.runner.family!r} does not produce embeddings; it serves text "
+                             f"generation (add an embedding model, or one with --task embed)",
+                             param="model", code="embeddings_not_supported")
+        inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        job = gen.submit({"op": "embed", "input": inputs})
+        data: list[list[float]] = []
+        async for ev in gen.events(job):
+            if ev["ev"] == "embedding":
+                data = ev["data"]
+                gen.usage.prompt_tokens = ev["prompt_tokens"]
+        gen.finish()
+        return web.json_response({
+            "object": "list", "model": gen.runner.family,
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(data)],
+            "usage": {"prompt_tokens": gen.usage.prompt_tokens, "total_tokens": gen.usage.prompt_tokens}})
+    except BaseException as e:
+        gen.finish(e)
+        raise
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: every model family, with its state (OpenAI clients ignore the extra fields)."""
+    services = request.app[SERVICES]
+    data = []
+    for name, r in sorted(services.scheduler.runners.items()):
+        st = r.status()
+        data.append({"id": name, "object": "model", "created": 0, "owned_by": "atoll",
+                     "state": st["state"], "reason": st["reason"], "task": st["task"],
+                     "quantization": st["quantization"], "n_ctx": st["n_ctx"], "chat": st["chat"]})
+    return web.json_response({"object": "list", "data": data})

@@ -1,0 +1,124 @@
+"""The aiohttp application factory, the route table and /openapi.json built from it.
+
+`create_app(settings, services)` is used identically by `atoll serve` and by the tests.
+Every route is declared once in ROUTES, with what /openapi.json says about it, so the
+document cannot describe a route that does not exist or miss one that does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from aiohttp import web
+
+from daemon import api_admin, api_openai
+from daemon.config import Settings
+from daemon.middleware import PUBLIC_PATHS, auth_middleware, errors_middleware
+from daemon.schemas import CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST, ERROR_RESPONSE
+from daemon.services import SERVICES, Services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route and its documentation."""
+
+    method: str
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    summary: str
+    request_schema: dict[str, Any] | None = None
+    streams: bool = False
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: this API, described from the route table."""
+    return web.json_response(openapi_document(request.app["version"]))
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/chat/completions", api_openai.chat_completions,
+          "Chat completion (stream with SSE when stream=true)", CHAT_REQUEST, streams=True),
+    Route("POST", "/v1/completions", api_openai.completions,
+          "Text completion (stream with SSE when stream=true)", COMPLETION_REQUEST, streams=True),
+    Route("POST", "/v1/embeddings", api_openai.embeddings,
+          "Embeddings, for models that serve them (400 otherwise)", EMBEDDING_REQUEST),
+    Route("GET", "/v1/models", api_openai.list_models, "The served models and their state"),
+    Route("GET", "/healthz", api_admin.healthz, "Liveness: the process answers"),
+    Route("GET", "/readyz", api_admin.readyz, "Readiness: a model is loaded (503 while none is)"),
+    Route("GET", "/openapi.json", openapi, "This document"),
+    Route("GET", "/admin/status", api_admin.admin_status, "What the daemon serves (admin)"),
+    Route("GET", "/admin/usage", api_admin.admin_usage, "Latest usage records (admin)"),
+)
+
+_ERRORS = {
+    "400": "Bad request: the message names the field", "401": "Missing, unknown or revoked token",
+    "403": "The token's role may not use this route", "404": "Unknown model",
+    "413": "Body over the size limit", "429": "Queue full; see Retry-After",
+    "503": "Model loading, broken or its worker crashed; see Retry-After",
+    "504": "The request passed its deadline",
+}
+
+
+def openapi_document(app_version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of every route in ROUTES."""
+    paths: dict[str, Any] = {}
+    err_ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for r in ROUTES:
+        op: dict[str, Any] = {"summary": r.summary, "operationId": r.handler.__name__}
+        ok: dict[str, Any] = {"description": "OK", "content": {"application/json": {}}}
+        if r.streams:
+            ok["content"]["text/event-stream"] = {}
+        op["responses"] = {"200": ok}
+        if r.path not in PUBLIC_PATHS:
+            op["security"] = [{"bearer": []}]
+            op["responses"].update({code: {"description": d, **err_ref} for code, d in _ERRORS.items()
+                                    if r.request_schema or code in ("401", "403")})
+        else:
+            op["security"] = []
+            if r.path == "/readyz":
+                op["responses"]["503"] = {"description": "No model loaded yet"}
+        if r.request_schema:
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": r.request_schema}}}
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "atoll", "version": app_version,
+                 "description": "OpenAI-compatible LAN inference with an admin API. Errors use "
+                                "{\"error\": {\"message\", \"type\", \"code\", \"param\"}}."},
+        "paths": paths,
+        "components": {"schemas": {"Error": ERROR_RESPONSE},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+def package_version() -> str:
+    """Installed version of atoll, or 0+source when run from a checkout."""
+    try:
+        return version("atoll")
+    except PackageNotFoundError:
+        return "0+source"
+
+
+def create_app(settings: Settings, services: Services) -> web.Application:
+    """Build the aiohttp application; starting it starts the services, cleanup stops them."""
+    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+                          client_max_size=settings.max_body_bytes)
+    app[SERVICES] = services
+    app["version"] = package_version()
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await services.start()
+        yield
+        await services.stop()
+
+    app.cleanup_ctx.append(lifetime)
+    return app

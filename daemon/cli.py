@@ -1,0 +1,205 @@
+"""The `atoll` command line: serve, models, token, status.
+
+Commands that act on the box (models, token) open the state directory directly and
+work whether or not the daemon runs; `status` asks the running daemon over HTTP.
+Exit codes: 0 success, 1 the action failed (message on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from daemon import config
+from daemon.auth import create_token, list_tokens, revoke_token
+from daemon.db import StateDB
+from runtime.errors import AtollError
+from runtime.store import ModelStore
+
+
+def _state_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", help="state directory (default /var/lib/atoll; env ATOLL_STATE_DIR)")
+    p.add_argument("--config", help="TOML settings file (its state_dir is used)")
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
+    ns = argparse.Namespace(config=getattr(args, "config", None), state_dir=getattr(args, "state_dir", None),
+                            host=getattr(args, "host", None), port=getattr(args, "port", None))
+    return config.load(ns)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """atoll serve."""
+    from daemon.serve import run
+
+    run(config.load(args))
+    return 0
+
+
+def cmd_models_add(args: argparse.Namespace) -> int:
+    """atoll models add."""
+    s = _settings(args)
+    store = ModelStore(s.state_dir)
+    v = store.add_file(args.file, family=args.family, task=args.task)
+    db = StateDB(s.db_path)
+    db.audit("local-admin", "model.add", family=v.family, digest=v.digest, size=v.size, source=str(args.file))
+    print(f"added {args.file} to model {v.family!r} as sha256-{v.digest} ({v.size} bytes, {v.quantization})")
+    print("restart the daemon to serve it (systemctl restart atoll)")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    """atoll models list."""
+    s = _settings(args)
+    fams = ModelStore(s.state_dir).families()
+    if args.json:
+        print(json.dumps({f: [v.to_json() for v in vs] for f, vs in fams.items()}, indent=2))
+        return 0
+    if not fams:
+        print(f"no models in {s.state_dir}; add one with `atoll models add FILE.gguf`")
+        return 0
+    print(f"{'MODEL':<20} {'QUANT':<8} {'ARCH':<10} {'PARAMS':>8} {'LAYERS':>6} {'CTX':>6} {'CHAT':<5} "
+          f"{'SIZE':>9}  {'DIGEST':<19} STATUS")
+    for fam, variants in fams.items():
+        for v in variants:
+            i = v.info
+            params = f"{i.parameter_count / 1e6:.0f}M" if i else "-"
+            print(f"{fam:<20} {v.quantization:<8} {(i.architecture if i else '-'):<10} {params:>8} "
+                  f"{(i.n_layers if i else '-')!s:>6} {(i.context_length if i else '-')!s:>6} "
+                  f"{('yes' if i and i.has_chat_template else 'no'):<5} {v.size / 2**20:>7.1f}Mi  "
+                  f"sha256-{v.digest[:12]} {'BROKEN: ' + v.broken if v.broken else 'ok'}")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """atoll token create."""
+    db = StateDB(_settings(args).db_path)
+    print(create_token(db, args.name, args.role))
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    """atoll token list."""
+    rows = list_tokens(StateDB(_settings(args).db_path))
+    print(f"{'NAME':<24} {'ROLE':<6} {'CREATED':<30} REVOKED")
+    for r in rows:
+        print(f"{r['name']:<24} {r['role']:<6} {r['created']:<30} {r['revoked'] or '-'}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    """atoll token revoke."""
+    revoke_token(StateDB(_settings(args).db_path), args.name)
+    print(f"revoked {args.name}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """atoll status: ask the running daemon."""
+    url = args.url or _settings(args).url()
+    token = args.token or os.environ.get("ATOLL_TOKEN")
+    if not token:
+        print("atoll status needs an admin token: --token T or ATOLL_TOKEN "
+              "(create one with `atoll token create --role admin --name NAME`)", file=sys.stderr)
+        return 2
+    if not url.startswith(("http://", "https://")):
+        print(f"atoll status: --url must be http:// or https://, not {url!r}", file=sys.stderr)
+        return 2
+    req = urllib.request.Request(  # noqa: S310 - scheme checked above
+        f"{url.rstrip('/')}/admin/status", headers={"Authorization": f"Bearer {token}"})
+    try:
+        # the URL is the admin's own daemon, http(s) only
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            st: dict[str, Any] = json.load(resp)
+    except urllib.error.HTTPError as e:
+        body = e.read().decode("utf-8", "replace")
+        try:
+            msg = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = body[:200]
+        print(f"atoll status: {url} answered {e.code}: {msg}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"atoll status: cannot reach the daemon at {url}: {getattr(e, 'reason', e)} "
+              f"(is it running? systemctl status atoll)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"atoll {st['version']} at {st['url']}: {'ready' if st['ready'] else 'NOT READY'}, "
+          f"up {st['uptime_seconds']:.0f} s, daemon RSS {st['daemon_rss_bytes'] / 2**20:.0f} MiB")
+    for m in st["models"]:
+        extra = f" ({m['reason']})" if m.get("reason") else ""
+        print(f"  {m['model']:<20} {m['state']:<10} {m['quantization']:<8} pid {m['worker_pid'] or '-':<8} "
+              f"queued {m['queued']} restarts {m['restarts']}{extra}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    ap = argparse.ArgumentParser(prog="atoll", description="atoll: offline LAN inference appliance daemon")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon (what the systemd unit starts)",
+                       description="Run the daemon: load every model in the store and serve the API.")
+    config.add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="the model store").add_subparsers(dest="sub", required=True,
+                                                                             metavar="ACTION")
+    p = models.add_parser("add", help="copy a local GGUF file into the store",
+                          description="Copy FILE.gguf into the store (hashed while copying) and list it "
+                                      "as a variant of a model family. Audited.")
+    p.add_argument("file", metavar="FILE.gguf")
+    p.add_argument("--family", help="model name clients ask for (default: from the GGUF header)")
+    p.add_argument("--task", choices=["generate", "embed"],
+                   help="serve it for text generation or for /v1/embeddings (default: from the header)")
+    _state_args(p)
+    p.set_defaults(func=cmd_models_add)
+    p = models.add_parser("list", help="list model families and variants with their GGUF facts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _state_args(p)
+    p.set_defaults(func=cmd_models_list)
+
+    tokens = sub.add_parser("token", help="API tokens").add_subparsers(dest="sub", required=True,
+                                                                        metavar="ACTION")
+    p = tokens.add_parser("create", help="create a token and print it (only this once) on stdout")
+    p.add_argument("--role", choices=["user", "admin"], required=True,
+                   help="user: inference only; admin: everything")
+    p.add_argument("--name", required=True, help="a unique name, e.g. the system that will use it")
+    _state_args(p)
+    p.set_defaults(func=cmd_token_create)
+    p = tokens.add_parser("list", help="list tokens (names, roles, dates; never secrets)")
+    _state_args(p)
+    p.set_defaults(func=cmd_token_list)
+    p = tokens.add_parser("revoke", help="revoke a token by name; it stops working at once")
+    p.add_argument("name")
+    _state_args(p)
+    p.set_defaults(func=cmd_token_revoke)
+
+    p = sub.add_parser("status", help="ask the running daemon what it serves")
+    p.add_argument("--url", help="daemon URL (default from settings: http://127.0.0.1:8080)")
+    p.add_argument("--token", help="admin token (default: env ATOLL_TOKEN)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--port", help=argparse.SUPPRESS)
+    _state_args(p)
+    p.set_defaults(func=cmd_status)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `atoll` console script."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        code = func(args)
+    except AtollError as e:
+        print(f"atoll: {e.message}", file=sys.stderr)
+        code = 1
+    sys.exit(code)

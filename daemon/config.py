@@ -1,0 +1,161 @@
+"""atoll's one settings schema: defaults and help text here; TOML file, environment and CLI flags derive from it.
+
+Precedence, lowest first: defaults < TOML file (`--config`, top-level keys) <
+environment (`ATOLL_<NAME>`, e.g. ATOLL_PORT=9000) < command-line flags
+(`--<name-with-dashes>`). A bad value anywhere exits with a message naming the key
+and where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import BadRequest
+
+
+class ConfigError(BadRequest):
+    """A setting has a bad value; the message names it and its source."""
+
+
+def _opt(default: Any, help: str, *, minimum: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"help": help, "min": minimum, "choices": choices})
+
+
+def _default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the daemon."""
+
+    state_dir: Path = _opt(Path("/var/lib/atoll"), "state directory: database, model store, trust root")
+    host: str = _opt("0.0.0.0", "address to listen on (0.0.0.0: every interface of the LAN)")
+    port: int = _opt(8080, "TCP port to listen on", minimum=1)
+    n_ctx: int = _opt(2048, "context window (tokens) each model is loaded with", minimum=64)
+    threads: int = _opt(_default_threads(), "CPU threads per inference worker", minimum=1)
+    queue_size: int = _opt(16, "requests that may wait per model before new ones get 429", minimum=1)
+    request_timeout: float = _opt(300.0, "seconds a request may take, queueing included", minimum=1)
+    load_timeout: float = _opt(120.0, "seconds a model may take to load before the worker is restarted",
+                               minimum=1)
+    max_body_bytes: int = _opt(4 * 1024 * 1024, "largest request body accepted (bytes)", minimum=1024)
+    completion_max_tokens_default: int = _opt(
+        16, "max_tokens for /v1/completions when the request gives none (OpenAI's default)", minimum=1)
+    log_prompts: bool = _opt(False, "store prompt and completion text in the usage log (off: metadata only)")
+    log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
+    public_url: str = _opt("", "URL users reach the daemon at, shown on first start (default: from host/port)")
+
+    @classmethod
+    def fields(cls) -> tuple[dataclasses.Field[Any], ...]:
+        """The schema's fields."""
+        return dataclasses.fields(cls)
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite state database."""
+        return self.state_dir / "atoll.db"
+
+    def url(self) -> str:
+        """Base URL for humans: public_url, or built from host and port."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def _type_of(f: dataclasses.Field[Any]) -> type:
+    hints = typing.get_type_hints(Settings)
+    t = hints[f.name]
+    if isinstance(t, types.UnionType):
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
+    t = _type_of(f)
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                out: Any = value
+            elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                out = value.lower() in ("1", "true", "yes", "on")
+            else:
+                raise ValueError("expected true or false")
+        elif t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            out = int(value)
+        elif t is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            out = float(value)
+        elif t is Path:
+            if not isinstance(value, (str, Path)):
+                raise ValueError("expected a path")
+            out = Path(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            out = value
+    except ValueError as e:
+        raise ConfigError(f"{source}: setting {f.name!r} = {value!r}: {e}") from None
+    lo = f.metadata.get("min")
+    if lo is not None and out < lo:
+        raise ConfigError(f"{source}: setting {f.name!r} = {value!r}: must be at least {lo}")
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise ConfigError(f"{source}: setting {f.name!r} = {value!r}: one of {', '.join(choices)}")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config` and one flag per setting to a parser (values default to None = not given)."""
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    for f in Settings.fields():
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f"{f.metadata['help']} (default: {default}; env ATOLL_{f.name.upper()})"
+        if _type_of(f) is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def load(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Build Settings from defaults, the TOML file, the environment and parsed flags."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    by_name = {f.name: f for f in Settings.fields()}
+    config_file = getattr(args, "config", None) or env.get("ATOLL_CONFIG")
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in by_name:
+                raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(by_name))}")
+            values[name] = _coerce(by_name[name], value, str(path))
+    for name, f in by_name.items():
+        raw = env.get(f"ATOLL_{name.upper()}")
+        if raw is not None:
+            values[name] = _coerce(f, raw, f"environment ATOLL_{name.upper()}")
+    if args is not None:
+        for name, f in by_name.items():
+            raw = getattr(args, name, None)
+            if raw is not None:
+                values[name] = _coerce(f, raw, f"--{name.replace('_', '-')}")
+    return Settings(**values)

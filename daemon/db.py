@@ -1,0 +1,119 @@
+"""The state database (SQLite through sqlite-utils): tokens, usage metadata, audit log.
+
+Schema changes are named migrations applied in order inside a transaction and
+recorded in `_migrations`, so an upgraded daemon brings an old database forward and
+never applies a step twice. In the daemon every call goes through one thread
+(`StateDB.run`), so SQLite never blocks the event loop and there is one writer; the
+CLI calls the same methods directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    db.table("tokens").create({"id": str, "name": str, "role": str, "hash": str, "created": str,
+                         "revoked": str, "last_used": str}, pk="id")
+    db.table("tokens").create_index(["name"], unique=True)
+    db.table("usage").create({"id": int, "ts": str, "principal": str, "endpoint": str, "model": str,
+                        "digest": str, "prompt_tokens": int, "completion_tokens": int, "latency_ms": float,
+                        "ttft_ms": float, "status": str, "http_status": int, "prompt_text": str,
+                        "completion_text": str}, pk="id")
+    db.table("usage").create_index(["ts"])
+    db.table("audit").create({"id": int, "ts": str, "actor": str, "action": str, "outcome": str,
+                        "detail": str}, pk="id")
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("001_initial", _m001_initial),
+]
+
+
+def now_iso() -> str:
+    """Current UTC time as ISO 8601 with milliseconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply pending migrations in order; return the names applied."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied TEXT)")
+    done = {r[0] for r in db.execute("SELECT name FROM _migrations").fetchall()}
+    applied = []
+    for name, step in MIGRATIONS:
+        if name in done:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            step(db)
+            db.execute("INSERT INTO _migrations (name, applied) VALUES (?, ?)", [name, now_iso()])
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        applied.append(name)
+        log.info("state database: applied migration %s", name)
+    return applied
+
+
+class StateDB:
+    """The state database, opened and migrated."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        self.path = path
+        self.db = sqlite_utils.Database(conn)
+        migrate(self.db)
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        """Start the single DB thread used from the event loop."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statedb")
+
+    async def stop(self) -> None:
+        """Finish pending writes and close."""
+        if self._executor:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.db.conn.close()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a DB method on the DB thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    # -- usage and audit ---------------------------------------------------------------
+
+    def record_usage(self, row: dict[str, Any]) -> None:
+        """Store one request's usage metadata."""
+        self.db.table("usage").insert({"ts": now_iso(), **row})
+
+    def usage(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Most recent usage rows, newest first."""
+        return list(self.db.query("SELECT * FROM usage ORDER BY id DESC LIMIT ?", [limit]))
+
+    def audit(self, actor: str, action: str, outcome: str = "ok", **detail: Any) -> None:
+        """Append an audit record."""
+        self.db.table("audit").insert({"ts": now_iso(), "actor": actor, "action": action, "outcome": outcome,
+                                 "detail": json.dumps(detail, sort_keys=True, default=str)})
+
+    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Most recent audit records, newest first."""
+        return list(self.db.query("SELECT * FROM audit ORDER BY id DESC LIMIT ?", [limit]))
