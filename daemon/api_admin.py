@@ -8,7 +8,8 @@ import time
 import psutil
 from aiohttp import web
 
-from daemon.services import SERVICES
+from daemon.services import SERVICES, VERSION
+from runtime.errors import BadRequest
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -30,7 +31,7 @@ async def admin_status(request: web.Request) -> web.Response:
     s = request.app[SERVICES]
     proc = psutil.Process(os.getpid())
     return web.json_response({
-        "version": request.app["version"],
+        "version": request.app[VERSION],
         "url": s.settings.url(),
         "state_dir": str(s.settings.state_dir),
         "uptime_seconds": round(time.monotonic() - s.started, 1),
@@ -47,8 +48,6 @@ async def admin_usage(request: web.Request) -> web.Response:
     try:
         limit = max(1, min(1000, int(request.query.get("limit", "100"))))
     except ValueError:
-        from runtime.errors import BadRequest
-
         raise BadRequest("limit must be an integer", param="limit") from None
     rows = await s.db.run(s.db.usage, limit)
     return web.json_response({"data": rows})

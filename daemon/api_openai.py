@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -82,6 +83,7 @@ class Generation:
         self.id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.text: list[str] = []
+        self.job: Job | None = None
 
     def n_ctx(self) -> int | None:
         """The loaded model's context window, if it is loaded."""
@@ -93,7 +95,8 @@ class Generation:
         """Queue the request (raises 429/503 as the runner decides)."""
         if self.services.settings.log_prompts:
             self.usage.prompt_text = json.dumps(worker_request.get("messages") or worker_request.get("prompt"))
-        return self.runner.submit(worker_request)
+        self.job = self.runner.submit(worker_request)
+        return self.job
 
     async def events(self, job: Job) -> AsyncGenerator[dict[str, Any]]:
         """The job's events, with usage filled in; stops (cancelling the job) if the client leaves."""
@@ -115,15 +118,29 @@ class Generation:
                     return
 
     def finish(self, error: BaseException | None = None) -> None:
-        """Record usage (never the text unless log_prompts is on)."""
+        """Record usage in the background (never the text unless log_prompts is on)."""
         if isinstance(error, AtollError):
             self.usage.status, self.usage.http_status = f"error:{error.code}", error.status
         elif error is not None and self.usage.status == "ok":
             self.usage.status, self.usage.http_status = "cancelled", 499
         if self.services.settings.log_prompts:
             self.usage.completion_text = "".join(self.text)
+        row = self.usage.row()
+        self.services.spawn(self._record(row))
+
+    async def _record(self, row: dict[str, Any]) -> None:
+        # A cancelled or timed-out job is still stopping in its worker: wait for its last
+        # event so the row counts the tokens the worker really produced.
+        job = self.job
+        if job is not None and not job.finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await job.finished.wait()
+        if job is not None and job.final and job.final.get("ev") == "done":
+            row["completion_tokens"] = job.final["completion_tokens"]
+            row["prompt_tokens"] = job.final["prompt_tokens"]
         db = self.services.db
-        self.services.spawn(db.run(db.record_usage, self.usage.row()))
+        await db.run(db.record_usage, row)
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:

@@ -19,7 +19,7 @@ from daemon import api_admin, api_openai
 from daemon.config import Settings
 from daemon.middleware import PUBLIC_PATHS, auth_middleware, errors_middleware
 from daemon.schemas import CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST, ERROR_RESPONSE
-from daemon.services import SERVICES, Services
+from daemon.services import SERVICES, VERSION, Services
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Route:
 
 async def openapi(request: web.Request) -> web.Response:
     """GET /openapi.json: this API, described from the route table."""
-    return web.json_response(openapi_document(request.app["version"]))
+    return web.json_response(openapi_document(request.app[VERSION]))
 
 
 ROUTES: tuple[Route, ...] = (
@@ -111,7 +111,7 @@ def create_app(settings: Settings, services: Services) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware],
                           client_max_size=settings.max_body_bytes)
     app[SERVICES] = services
-    app["version"] = package_version()
+    app[VERSION] = package_version()
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
 

@@ -50,6 +50,7 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+VERSION = web.AppKey("version", str)
 
 
 def choose_variant(variants: list[Variant]) -> Variant:

@@ -61,6 +61,9 @@ class Job:
     id: str = field(default_factory=lambda: f"j{next(_ids)}")
     events: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when the worker is done with the job (or it left the queue); `final` is the worker's last event.
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    final: dict[str, Any] | None = None
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -151,10 +154,12 @@ class ModelRunner:
                 continue
             job = self.queue.popleft()
             if job.cancelled:
+                job.finished.set()
                 continue
             if time.monotonic() > job.deadline:
                 job.events.put_nowait({"ev": "error", "kind": "deadline",
                                        "message": "the request waited in the queue past its deadline"})
+                job.finished.set()
                 continue
             await self._run(job)
 
@@ -168,6 +173,7 @@ class ModelRunner:
         except WorkerCrashed as e:
             job.events.put_nowait({"ev": "error", "kind": "crash", "message": e.message})
             self.running = None
+            job.finished.set()
             return
         job.started.set()
         try:
@@ -175,10 +181,12 @@ class ModelRunner:
                 ev = await q.get()
                 job.events.put_nowait(ev)
                 if ev["ev"] in ("done", "error", "embedding", "crash"):
+                    job.final = ev
                     break
         finally:
             worker.close(job.id)
             self.running = None
+            job.finished.set()
             self._durations.append(time.monotonic() - t0)
 
     # -- requests -----------------------------------------------------------------------
@@ -212,6 +220,7 @@ class ModelRunner:
         else:
             with contextlib.suppress(ValueError):
                 self.queue.remove(job)
+            job.finished.set()
 
     async def stream(self, job: Job) -> AsyncGenerator[dict[str, Any]]:
         """Yield the job's events until it ends, raising API errors; cancel it if abandoned."""
