@@ -77,7 +77,8 @@ class App:
         self.settings = settings
         self.user_token = user
         self.admin_token = admin
-        self.app: web.Application = client.server.app  # type: ignore[assignment]
+        assert client.app is not None
+        self.app: web.Application = client.app
 
     def headers(self, admin: bool = False) -> dict[str, str]:
         """Authorization header for the user (or admin) token."""
