@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -276,13 +278,18 @@ async def embeddings(request: web.Request) -> web.Response:
                 data = ev["data"]
                 gen.usage.prompt_tokens = ev["prompt_tokens"]
         gen.finish()
+        encode: Any = _b64_floats if body.get("encoding_format") == "base64" else list
         return web.json_response({
             "object": "list", "model": gen.runner.family,
-            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(data)],
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(data)],
             "usage": {"prompt_tokens": gen.usage.prompt_tokens, "total_tokens": gen.usage.prompt_tokens}})
     except BaseException as e:
         gen.finish(e)
         raise
+
+
+def _b64_floats(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 async def list_models(request: web.Request) -> web.Response:

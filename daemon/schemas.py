@@ -70,7 +70,8 @@ EMBEDDING_REQUEST: dict[str, Any] = {
         "model": _MODEL,
         "input": {"anyOf": [{"type": "string"},
                             {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 256}]},
-        "encoding_format": {"enum": ["float"], "description": "only float is supported"},
+        "encoding_format": {"enum": ["float", "base64"],
+                            "description": "base64: little-endian float32 bytes (what the openai package asks for)"},
         "user": {"type": "string"},
     },
 }
