@@ -10,12 +10,13 @@ import time
 import openai
 import psutil
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.e2e.conftest import ATOLL, Daemon
 
 pytestmark = pytest.mark.slow
 
-MSGS = [{"role": "user", "content": "Name three colours."}]
+MSGS: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three colours."}]
 
 
 def client(d: Daemon, token: str) -> openai.OpenAI:
@@ -29,13 +30,13 @@ def test_openai_client_chat_completions_models(daemon: Daemon) -> None:
     models = c.models.list()
     assert [m.id for m in models.data] == ["smollm2"]
 
-    r = c.chat.completions.create(model="smollm2", messages=MSGS, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    r = c.chat.completions.create(model="smollm2", messages=MSGS, max_tokens=12, temperature=0)
     text = r.choices[0].message.content
     assert text and r.choices[0].finish_reason in ("length", "stop")
     assert r.usage is not None and r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 10
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
-    stream = c.chat.completions.create(model="smollm2", messages=MSGS, max_tokens=12, temperature=0,  # type: ignore[arg-type]
+    stream = c.chat.completions.create(model="smollm2", messages=MSGS, max_tokens=12, temperature=0,
                                        stream=True, stream_options={"include_usage": True})
     parts, usage = [], None
     for chunk in stream:
@@ -58,10 +59,10 @@ def test_openai_client_sees_errors_as_its_own_exceptions(daemon: Daemon) -> None
     daemon.wait_ready()
     c = client(daemon, daemon.token())
     with pytest.raises(openai.NotFoundError) as nf:
-        c.chat.completions.create(model="gpt-99", messages=MSGS)  # type: ignore[arg-type]
+        c.chat.completions.create(model="gpt-99", messages=MSGS)
     assert "gpt-99" in str(nf.value)
     with pytest.raises(openai.BadRequestError) as br:
-        c.chat.completions.create(model="smollm2", messages=MSGS, max_tokens=0)  # type: ignore[arg-type]
+        c.chat.completions.create(model="smollm2", messages=MSGS, max_tokens=0)
     assert "max_tokens" in str(br.value)
     with pytest.raises(openai.AuthenticationError):
         client(daemon, "wrong").models.list()
