@@ -108,7 +108,8 @@ def parse_line(text: str, where: str = "<line>") -> tuple[float, dict[str, Any]]
         raise ReplayError(f"{where}: 't' must be a number >= 0")
     unknown = set(obj) - _SNAPSHOT_KEYS
     if unknown:
-        raise ReplayError(f"{where}: unknown keys {sorted(unknown)} (allowed: t, {', '.join(sorted(_SNAPSHOT_KEYS))})")
+        allowed = ", ".join(sorted(_SNAPSHOT_KEYS))
+        raise ReplayError(f"{where}: unknown keys {sorted(unknown)} (allowed: t, {allowed})")
     fields: dict[str, Any] = {}
     for k, v in obj.items():
         if k == "gpus":
