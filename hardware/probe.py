@@ -336,7 +336,7 @@ class SystemSource:
     def __init__(self, state_dir: str | None = None, *, psutil_module: ModuleType | Any | None = None,
                  nvml: NvmlSource | None = None, clock: Callable[[], float] = time.time) -> None:
         if psutil_module is None:
-            import psutil  # type: ignore[import-untyped]  # no types-psutil in the env
+            import psutil
 
             psutil_module = psutil
         self._ps = psutil_module
