@@ -178,8 +178,12 @@ class GovernorStateMachine:
         tr = Transition(self.state, to, now, reason, snapshot.time)
         self.state = to
         self.entered_at = now
-        self._clear_since = None
-        self._holders = {s.key for s in sigs if s.hold >= to}
+        # Readings that held the box above normal during this episode; all must be known to descend.
+        self._holders = set() if to == State.NORMAL else self._holders | {
+            s.key for s in sigs if s.hold > State.NORMAL}
+        # A descent on readings that are already clear of the next level too starts that dwell now.
+        clear_now = to < tr.from_state and max((s.hold for s in sigs), default=State.NORMAL) < to
+        self._clear_since = now if clear_now else None
         self._history.append(tr)
         log.info("governor %s", tr)
         return tr
@@ -194,7 +198,7 @@ class GovernorStateMachine:
             why = "; ".join(s.text for s in sigs if s.level == level)
             return self._move(level, now, why, snapshot, sigs)
         seen = {s.key for s in sigs}
-        self._holders |= {s.key for s in sigs if s.hold >= self.state}
+        self._holders |= {s.key for s in sigs if s.hold > State.NORMAL}
         hold = max((s.hold for s in sigs), default=State.NORMAL)
         missing = self._holders - seen
         if self.state == State.NORMAL or hold >= self.state or missing:
@@ -207,7 +211,7 @@ class GovernorStateMachine:
         if now - self._clear_since < dwell or now - self.entered_at < dwell:
             return None
         to = State(self.state - 1)
-        clear = "; ".join(s.text for s in sigs if s.key in self._holders) or "no reading holds it"
+        clear = "; ".join(s.text for s in sigs) or "no readings"
         why = f"readings below the {self.state} exit levels for {now - self._clear_since:.0f} s: {clear}"
         return self._move(to, now, why, snapshot, sigs)
 
