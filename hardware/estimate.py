@@ -197,9 +197,13 @@ def _layer_of(tensor_name: str) -> int | None:
 
 
 def _layer_devices(n_layers: int, n_gpu_layers: int, gpu_split: Sequence[float]) -> list[str]:
-    """Device of each layer, output layer last (index n_layers): llama.cpp offloads the last layers."""
-    n_off = max(0, min(n_gpu_layers, n_layers + 1))
-    first = n_layers + 1 - n_off
+    """Device of each block, then of the output layer (index n_layers), as llama.cpp assigns them.
+
+    Blocks il >= n_layers - n_gpu_layers go to the GPUs; the output layer only when
+    n_gpu_layers > n_layers. The offloaded range is cut between GPUs by cumulative split.
+    """
+    first = max(n_layers - max(n_gpu_layers, 0), 0)
+    act = min(max(n_gpu_layers, 0), n_layers + 1)
     total = sum(gpu_split) or 1.0
     cum, acc = [], 0.0
     for s in gpu_split:
@@ -207,10 +211,11 @@ def _layer_devices(n_layers: int, n_gpu_layers: int, gpu_split: Sequence[float])
         cum.append(acc)
     out = []
     for il in range(n_layers + 1):
-        if il < first:
+        on_gpu = il >= first and (il < n_layers or n_gpu_layers > n_layers) and act > 0
+        if not on_gpu:
             out.append("cpu")
             continue
-        frac = (il - first) / n_off
+        frac = (il - first) / act
         gpu = next(i for i, c in enumerate(cum) if frac < c or i == len(cum) - 1)
         out.append(f"gpu{gpu}")
     return out
