@@ -10,6 +10,28 @@ compute-buffer approximation targets). The parent prints estimate vs measured gr
 "load" compares MemoryEstimate.loaded_bytes (weights + CPU repack copy + KV + overhead) with
 the RSS growth after loading; "peak" compares MemoryEstimate.total_bytes with the RSS growth
 after the context is full.
+
+Measured on the 2-core build VM (llama-cpp-python 0.3.36, AVX-512 CPU backend), MiB:
+
+    model            n_ctx | est load  meas load   err | meas short | est peak  meas peak   err
+    SmolLM2 Q4_1       512 |   122.9     124.2   -1.0% |     127.0  |   146.8     146.3   +0.3%
+    SmolLM2 Q4_1      2048 |   156.6     158.9   -1.4% |     161.8  |   224.0     224.1   -0.0%
+    SmolLM2 Q4_1      8192 |   291.6     294.0   -0.8% |     296.9  |   533.0     531.5   +0.3%
+    gemma-3 Q4_K_M     512 |   302.6     303.8   -0.4% |     310.1  |   323.8     329.4   -1.7%
+    gemma-3 Q4_K_M    2048 |   329.6     331.9   -0.7% |     338.4  |   374.8     377.5   -0.7%
+    gemma-3 Q4_K_M    8192 |   437.6     440.2   -0.6% |     446.5  |   578.8     589.4   -1.8%
+
+The overhead constants were fitted on those six rows, so they are not an independent test.
+Held-out checks (not used for fitting): SmolLM2 requantized locally to Q4_0 (repacked on the
+CPU) and Q8_0, and gemma at other sizes:
+
+    SmolLM2 Q4_0      1000 |   184.8     186.5   -0.9% |     189.4  |   223.1     221.7   +0.7%
+    SmolLM2 Q4_0      4096 |   252.3     253.9   -0.7% |     256.9  |   377.6     376.7   +0.3%
+    SmolLM2 Q8_0      1000 |   178.4     180.7   -1.2% |     183.5  |   216.8     215.8   +0.5%
+    SmolLM2 Q8_0      4096 |   245.9     248.2   -0.9% |     251.0  |   371.3     370.8   +0.2%
+    gemma-3 Q4_K_M    1000 |   311.6     313.7   -0.7% |     320.2  |   340.8     343.2   -0.7%
+    gemma-3 Q4_K_M    4096 |   365.6     367.9   -0.6% |     374.3  |   442.8     453.4   -2.3%
+    gemma-3 swa_full=False 8192: load 332.6 vs 334.2 (-0.5%), peak 473.8 vs 467.4 (+1.4%)
 """
 
 from __future__ import annotations

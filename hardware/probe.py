@@ -419,3 +419,9 @@ class Prober:
     async def snapshot(self) -> Snapshot:
         """One sanitized snapshot, read in an executor thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._read)
+
+    def close(self) -> None:
+        """Release the source (NVML) if it holds anything."""
+        close = getattr(self.source, "close", None)
+        if callable(close):
+            close()

@@ -206,3 +206,15 @@ class ReplaySource:
                 break
             fields = f
         return Snapshot(time=now, source=f"replay:{self.name}", **fields)
+
+
+def open_replay(spec: str | Path, **kwargs: Any) -> ReplaySource:
+    """Source for ``--sensor-replay SPEC``: a timeline file path, or the name of a bundled timeline."""
+    p = Path(spec)
+    if p.is_file():
+        return ReplaySource.from_file(p, **kwargs)
+    name = p.name if p.suffix == ".jsonl" else f"{p.name}.jsonl"
+    if str(spec) in (p.name, p.stem) and name in bundled_timelines():
+        return ReplaySource.from_file(bundled_timeline(name), **kwargs)
+    raise ReplayError(f"{spec}: no such timeline file, and not a bundled timeline "
+                      f"({', '.join(bundled_timelines())})")

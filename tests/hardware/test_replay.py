@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 
 from hardware.probe import Prober
-from hardware.replay import ReplayError, ReplaySource, bundled_timeline, bundled_timelines, load_timeline
+from hardware.replay import (
+    ReplayError,
+    ReplaySource,
+    bundled_timeline,
+    bundled_timelines,
+    load_timeline,
+    open_replay,
+)
 
 from .fakes import Clock
 
@@ -82,3 +89,13 @@ def test_unreadable_file_is_a_replay_error(tmp_path: Path) -> None:
     bad.write_text(LINE0 + "\n{oops\n")
     with pytest.raises(ReplayError, match=r"bad.jsonl:2:"):
         ReplaySource.from_file(bad)
+
+
+def test_open_replay_takes_a_path_or_a_bundled_name(tmp_path: Path) -> None:
+    f = tmp_path / "mine.jsonl"
+    f.write_text(LINE0 + "\n")
+    assert open_replay(str(f), clock=Clock()).read().cpu_temp_c == 50.0
+    assert open_replay("overheat", clock=Clock(), start=0.0).name == "overheat.jsonl"
+    assert open_replay("memory-pressure.jsonl", clock=Clock(), start=0.0).name == "memory-pressure.jsonl"
+    with pytest.raises(ReplayError, match="not a bundled timeline"):
+        open_replay(str(tmp_path / "nope.jsonl"))
