@@ -279,12 +279,15 @@ class NvmlSource:
     def _read_gpu(self, nvml: Any, index: int) -> GpuReading:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
 
+        unsupported = {getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3),
+                       getattr(nvml, "NVML_ERROR_FUNCTION_NOT_FOUND", 13)}
+
         def opt(fn: Callable[[], Any]) -> Any:
-            # A field this GPU does not support is simply unknown; anything else aborts the read.
+            # A field this GPU or driver does not support is simply unknown; anything else aborts the read.
             try:
                 return fn()
             except nvml.NVMLError as e:
-                if getattr(e, "value", None) == getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", 3):
+                if getattr(e, "value", None) in unsupported:
                     return None
                 raise
 
