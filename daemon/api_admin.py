@@ -38,6 +38,8 @@ async def admin_status(request: web.Request) -> web.Response:
         "daemon_pid": os.getpid(),
         "daemon_rss_bytes": proc.memory_info().rss,
         "ready": s.scheduler.any_ready(),
+        "governor": {"state": s.hardware.governor.state.name.lower(), "reason": s.hardware.reason,
+                     "admitting": s.scheduler.controls.admitting},
         "models": [r.status() for _, r in sorted(s.scheduler.runners.items())],
     })
 
@@ -51,3 +53,8 @@ async def admin_usage(request: web.Request) -> web.Response:
         raise BadRequest("limit must be an integer", param="limit") from None
     rows = await s.db.run(s.db.usage, limit)
     return web.json_response({"data": rows})
+
+
+async def admin_hardware(request: web.Request) -> web.Response:
+    """GET /admin/hardware: sensor snapshot, governor state, reason, history, variant decisions, swaps."""
+    return web.json_response(request.app[SERVICES].hardware.status())

@@ -54,6 +54,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", openapi, "This document"),
     Route("GET", "/admin/status", api_admin.admin_status, "What the daemon serves (admin)"),
     Route("GET", "/admin/usage", api_admin.admin_usage, "Latest usage records (admin)"),
+    Route("GET", "/admin/hardware", api_admin.admin_hardware,
+          "Sensors, governor state and history, variant decisions and swaps (admin)"),
 )
 
 _ERRORS = {

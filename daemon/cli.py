@@ -77,6 +77,38 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_plan(args: argparse.Namespace) -> int:
+    """atoll models plan: which variant of each family would run now, and why the others do not."""
+    from daemon.governance import make_source, placement_policy
+    from hardware.governor import State
+    from hardware.probe import Prober
+    from runtime.placement import decide
+
+    s = config.load(args)
+    prober = Prober(make_source(s))
+    snap = prober.read()
+    prober.close()
+    fams = {f: vs for f, vs in ModelStore(s.state_dir).families().items() if vs}
+    decisions = decide(fams, snap, State[args.state.upper()], placement_policy(s))
+    if args.json:
+        print(json.dumps({"snapshot": snap.to_json(), "decisions": {f: d.to_json() for f, d in decisions.items()}},
+                         indent=2, default=str))
+        return 0
+    avail = snap.ram_available_bytes
+    print(f"available RAM {avail / 2**30:.2f} GiB, headroom {s.ram_headroom_mb} MiB, governor state {args.state}"
+          if avail is not None else "available RAM unknown")
+    for fam, d in decisions.items():
+        what = f"{d.variant.quantization} at n_ctx {d.n_ctx}" if d.variant else "nothing"
+        print(f"\n{fam}: runs {what} ({d.why})")
+        for v in fams[fam]:
+            if v.broken:
+                print(f"- {v.digest[:12]} [{v.quantization}]: broken: {v.broken}")
+        if d.plan:
+            for line in d.plan.explain().splitlines()[1:]:
+                print(f"  {line}")
+    return 0
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     """atoll token create."""
     db = StateDB(_settings(args).db_path)
@@ -134,6 +166,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"atoll {st['version']} at {st['url']}: {'ready' if st['ready'] else 'NOT READY'}, "
           f"up {st['uptime_seconds']:.0f} s, daemon RSS {st['daemon_rss_bytes'] / 2**20:.0f} MiB")
+    gov = st["governor"]
+    print(f"governor: {gov['state']} ({gov['reason']}){'' if gov['admitting'] else ', NOT admitting new requests'}")
     for m in st["models"]:
         extra = f" ({m['reason']})" if m.get("reason") else ""
         print(f"  {m['model']:<20} {m['state']:<10} {m['quantization']:<8} pid {m['worker_pid'] or '-':<8} "
@@ -166,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _state_args(p)
     p.set_defaults(func=cmd_models_list)
+
+    p = models.add_parser("plan", help="which variant of each model would run now, and why the others do not",
+                          description="Read this machine's sensors (or --sensor-replay) and show, for each model "
+                                      "family, the variant that fits the memory budget and why the others do not.")
+    p.add_argument("--state", choices=["normal", "constrained", "critical"], default="normal",
+                   help="plan as if the governor were in this state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    config.add_arguments(p)
+    p.set_defaults(func=cmd_models_plan)
 
     tokens = sub.add_parser("token", help="API tokens").add_subparsers(dest="sub", required=True,
                                                                         metavar="ACTION")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hardware.governor import GovernorThresholds
 from runtime.errors import BadRequest
 
 
@@ -52,6 +53,22 @@ class Settings:
     log_prompts: bool = _opt(False, "store prompt and completion text in the usage log (off: metadata only)")
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
     public_url: str = _opt("", "URL users reach the daemon at, shown on first start (default: from host/port)")
+    sensor_replay: str = _opt("", "replay a recorded sensor timeline (JSON lines file, or a bundled name such as "
+                              "'overheat') instead of reading this machine's sensors: for tests and demos")
+    governor_interval: float = _opt(5.0, "seconds between two hardware probes of the governor", minimum=0.05)
+    ram_headroom_mb: int = _opt(1024, "RAM (MiB) kept free when choosing which model variant fits", minimum=0)
+    constrained_budget_fraction: float = _opt(
+        0.7, "share of available memory model variants may use while the box is constrained", minimum=0.05)
+    constrained_max_concurrent: int = _opt(
+        1, "generations that may run at once across all models while constrained", minimum=1)
+    critical_drain_seconds: float = _opt(
+        10.0, "when the box turns critical, seconds running requests get to finish before they are cancelled",
+        minimum=0)
+    swap_drain_seconds: float = _opt(
+        30.0, "seconds a running request may take to finish before a variant swap cancels it", minimum=0)
+    governor: GovernorThresholds = field(default_factory=GovernorThresholds, metadata={
+        "help": "thresholds of the thermal/memory governor: a [governor] table in the TOML file only",
+        "toml_table": True})
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field[Any], ...]:
@@ -116,10 +133,31 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     return out
 
 
+def _governor(value: Any, path: Path) -> GovernorThresholds:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: 'governor' must be a table ([governor])")
+    known = {f.name for f in dataclasses.fields(GovernorThresholds)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown [governor] setting(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    for k, v in kwargs.items():
+        default = getattr(GovernorThresholds, k, None)
+        if isinstance(default, (int, float)) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{path}: [governor] {k} = {v!r}: expected a number")
+    try:
+        return GovernorThresholds(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: [governor]: {e}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--config` and one flag per setting to a parser (values default to None = not given)."""
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
     for f in Settings.fields():
+        if f.metadata.get("toml_table"):
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         help_text = f"{f.metadata['help']} (default: {default}; env ATOLL_{f.name.upper()})"
@@ -148,13 +186,20 @@ def load(args: argparse.Namespace | None = None, environ: dict[str, str] | None 
             name = key.replace("-", "_")
             if name not in by_name:
                 raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(by_name))}")
+            if name == "governor":
+                values[name] = _governor(value, path)
+                continue
             values[name] = _coerce(by_name[name], value, str(path))
     for name, f in by_name.items():
+        if f.metadata.get("toml_table"):
+            continue
         raw = env.get(f"ATOLL_{name.upper()}")
         if raw is not None:
             values[name] = _coerce(f, raw, f"environment ATOLL_{name.upper()}")
     if args is not None:
         for name, f in by_name.items():
+            if f.metadata.get("toml_table"):
+                continue
             raw = getattr(args, name, None)
             if raw is not None:
                 values[name] = _coerce(f, raw, f"--{name.replace('_', '-')}")

@@ -13,8 +13,13 @@ from aiohttp import web
 
 from daemon.config import Settings
 from daemon.db import StateDB
-from runtime.scheduler import ModelRunner, Scheduler, SchedulerConfig
-from runtime.store import ModelStore, Variant
+from daemon.governance import HardwareControl, make_source, placement_policy
+from hardware.governor import State
+from hardware.probe import Prober
+from runtime.placement import decide
+from runtime.runner import ModelRunner
+from runtime.scheduler import Scheduler, SchedulerConfig
+from runtime.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,7 @@ class Services:
     db: StateDB
     store: ModelStore
     scheduler: Scheduler
+    hardware: HardwareControl
     started: float = field(default_factory=time.monotonic)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -37,12 +43,14 @@ class Services:
         task.add_done_callback(self.background.discard)
 
     async def start(self) -> None:
-        """Start the parts in order: state DB, then the models."""
+        """Start the parts in order: state DB, the models, the governor."""
         await self.db.start()
         await self.scheduler.start()
+        await self.hardware.start()
 
     async def stop(self) -> None:
         """Stop the parts in reverse order, letting background writes finish."""
+        await self.hardware.stop()
         await self.scheduler.stop()
         if self.background:
             await asyncio.gather(*self.background, return_exceptions=True)
@@ -53,25 +61,31 @@ SERVICES = web.AppKey("services", Services)
 VERSION = web.AppKey("version", str)
 
 
-def choose_variant(variants: list[Variant]) -> Variant:
-    """The variant to serve: the first healthy one in catalog order, else the first (broken) one."""
-    return next((v for v in variants if not v.broken), variants[0])
-
-
 def bootstrap(settings: Settings) -> Services:
-    """Open the store and the state DB and plan one runner per model family."""
+    """Open the store and the state DB, read the sensors once, and plan one runner per model family."""
     store = ModelStore(settings.state_dir)
     store.ensure()
     db = StateDB(settings.db_path)
     scheduler = Scheduler(SchedulerConfig(queue_size=settings.queue_size, request_timeout=settings.request_timeout,
                                           n_ctx=settings.n_ctx, threads=settings.threads,
-                                          load_timeout=settings.load_timeout))
-    for family, variants in store.families().items():
-        if not variants:
-            continue
-        v = choose_variant(variants)
-        scheduler.add(ModelRunner(family, v, str(store.blob_path(v.digest)), scheduler.config))
+                                          load_timeout=settings.load_timeout,
+                                          swap_drain_seconds=settings.swap_drain_seconds))
+    prober = Prober(make_source(settings))
+    families = {f: vs for f, vs in store.families().items() if vs}
+    decisions = decide(families, prober.read(), State.NORMAL, placement_policy(settings))
+    for family, variants in families.items():
+        d = decisions[family]
+        v, n_ctx = d.variant, d.n_ctx
+        if v is None:
+            healthy = [x for x in variants if not x.broken]
+            v = min(healthy, key=lambda x: x.size) if healthy else variants[0]
+            if healthy:
+                log.warning("model %s: %s; trying its smallest variant %s", family, d.why, v.quantization)
+        scheduler.add(ModelRunner(family, v, str(store.blob_path(v.digest)), scheduler.config, scheduler.controls,
+                                  n_ctx=n_ctx, variants=variants))
     if not scheduler.runners:
         log.warning("the model store at %s is empty: add a model with `atoll models add FILE.gguf`",
                     settings.state_dir)
-    return Services(settings=settings, db=db, store=store, scheduler=scheduler)
+    hardware = HardwareControl(settings, store, scheduler, prober)
+    hardware.decisions = decisions
+    return Services(settings=settings, db=db, store=store, scheduler=scheduler, hardware=hardware)

@@ -1,0 +1,421 @@
+"""One served model family: its supervised worker, its bounded queue, and hot swaps between variants.
+
+The supervisor restarts a worker that dies, with exponential backoff; requests that
+were in flight get a 503 (`WorkerCrashed`), requests still queued wait for the restart.
+The dispatcher feeds queued jobs to the worker one at a time, within the box-wide
+concurrency limit. A full queue refuses new jobs with 429 and a Retry-After estimated
+from recent job durations. A job that is cancelled (the client went away) leaves the
+queue or, if running, is told to stop, and the worker stops within a token.
+
+A swap to another variant loads the new worker first when memory allows both, pauses
+the queue only while the running request finishes (cancelled past `swap_drain_seconds`),
+switches, then stops the old worker: queued requests wait, none fails. When memory does
+not allow both, the old worker is drained and stopped before the new one loads, and the
+queue holds requests meanwhile. A target variant that fails to load is marked broken and
+the family stays on (or goes back to) its current variant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from runtime.errors import (
+    BadRequest,
+    ContextLengthExceeded,
+    DeadlineExceeded,
+    QueueFull,
+    Unavailable,
+    WorkerCrashed,
+)
+from runtime.store import Variant
+from runtime.worker_client import WorkerProcess, WorkerSpec
+
+if TYPE_CHECKING:
+    from runtime.scheduler import Controls, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Job:
+    """One request on its way through a runner."""
+
+    request: dict[str, Any]
+    deadline: float
+    id: str = field(default_factory=lambda: f"j{next(_ids)}")
+    events: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    #: Set when the worker is done with the job (or it left the queue); `final` is the worker's last event.
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    final: dict[str, Any] | None = None
+    cancelled: bool = False
+    #: Why the daemon (not the client) cancelled it, e.g. the governor went critical.
+    cancel_reason: str | None = None
+
+
+@dataclass
+class SwapRecord:
+    """One variant change, for /admin/hardware."""
+
+    at: float
+    from_digest: str
+    to_digest: str
+    n_ctx: int
+    overlap: bool
+    seconds: float | None = None
+    outcome: str = "pending"
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return dict(self.__dict__)
+
+
+class SwapFailed(Exception):
+    """The target variant could not be loaded."""
+
+
+class ModelRunner:
+    """A served model: its variants, its supervised worker, its queue."""
+
+    def __init__(self, family: str, variant: Variant, path: str, config: SchedulerConfig, controls: Controls,
+                 n_ctx: int | None = None, variants: list[Variant] | None = None) -> None:
+        self.family = family
+        self.variant = variant
+        self.variants = variants if variants is not None else [variant]
+        self.config = config
+        self.controls = controls
+        self.spec = self._spec_for(variant, path, n_ctx or config.n_ctx)
+        self.state = "broken" if variant.broken else "stopped"
+        self.reason: str | None = variant.broken
+        self.worker: WorkerProcess | None = None
+        self.ready = asyncio.Event()
+        self.restarts = 0
+        self.queue: collections.deque[Job] = collections.deque()
+        self.running: Job | None = None
+        self.swaps: collections.deque[SwapRecord] = collections.deque(maxlen=50)
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._swap_req = asyncio.Event()
+        self._target: tuple[Variant, str, int, bool, asyncio.Future[bool]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._durations: collections.deque[float] = collections.deque(maxlen=20)
+
+    def _spec_for(self, variant: Variant, path: str, n_ctx: int) -> WorkerSpec:
+        return WorkerSpec(model_path=path, n_ctx=n_ctx, threads=self.config.threads,
+                          embedding=variant.task == "embed",
+                          pooling="model" if variant.info and variant.info.is_embedding_model else "mean",
+                          load_timeout=self.config.load_timeout)
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the supervisor and dispatcher (a broken model starts neither)."""
+        if self.state == "broken":
+            return
+        self.state = "loading"
+        self._tasks = [asyncio.create_task(self._supervise(), name=f"supervise-{self.family}"),
+                       asyncio.create_task(self._dispatch(), name=f"dispatch-{self.family}")]
+
+    async def stop(self) -> None:
+        """Fail queued jobs, stop the worker and the tasks."""
+        self._stopping = True
+        self.state = "stopped"
+        self.fail_queued("unavailable", "the service is shutting down")
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.worker:
+            await self.worker.stop()
+
+    async def _start_worker(self) -> bool:
+        self.worker = WorkerProcess(self.spec)
+        try:
+            info = await self.worker.start()
+        except Unavailable as e:
+            self.state, self.reason = "restarting", e.message
+            return False
+        self.state, self.reason = "ready", None
+        log.info("model %s ready: %s worker pid %s, n_ctx %s, loaded in %.2f s", self.family,
+                 self.variant.quantization, self.worker.pid, info.get("n_ctx"), info.get("load_seconds", 0))
+        self.ready.set()
+        return True
+
+    async def _supervise(self) -> None:
+        backoff = self.config.backoff_initial
+        started = time.monotonic()
+        while not self._stopping:
+            if self.worker is None or self.worker.exited.is_set():
+                if not await self._start_worker():
+                    log.error("model %s: %s; retrying in %.1f s", self.family, self.reason, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.config.backoff_max)
+                    continue
+                started = time.monotonic()
+            worker = self.worker
+            assert worker is not None
+            waits = [asyncio.create_task(worker.exited.wait()), asyncio.create_task(self._swap_req.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in waits:
+                    t.cancel()
+            if self._swap_req.is_set():
+                self._swap_req.clear()
+                await self._do_swap()
+                continue
+            self.ready.clear()
+            if self._stopping:
+                return
+            self.restarts += 1
+            self.state = "restarting"
+            self.reason = f"worker exited with status {worker.proc and worker.proc.returncode}"
+            if time.monotonic() - started > 60:
+                backoff = self.config.backoff_initial
+            log.error("model %s: %s; restarting in %.1f s", self.family, self.reason, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.config.backoff_max)
+
+    async def _dispatch(self) -> None:
+        while True:
+            while not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+            await self.controls.acquire()
+            try:
+                await self.ready.wait()
+                if self.worker is None or self.worker.exited.is_set():
+                    self.ready.clear()  # it just died: wait for the supervisor's restart
+                    continue
+                if not self.queue:
+                    continue
+                job = self.queue.popleft()
+                if job.cancelled:
+                    job.finished.set()
+                    continue
+                if time.monotonic() > job.deadline:
+                    job.events.put_nowait({"ev": "error", "kind": "deadline",
+                                           "message": "the request waited in the queue past its deadline"})
+                    job.finished.set()
+                    continue
+                await self._run(job)
+            finally:
+                await self.controls.release()
+
+    async def _run(self, job: Job) -> None:
+        worker = self.worker
+        assert worker is not None
+        self.running = job
+        self._idle.clear()
+        t0 = time.monotonic()
+        try:
+            q = worker.open(job.id, job.request)
+            while True:
+                ev = await q.get()
+                job.events.put_nowait(ev)
+                if ev["ev"] in ("done", "error", "embedding", "crash"):
+                    job.final = ev
+                    break
+        except WorkerCrashed as e:
+            job.events.put_nowait({"ev": "error", "kind": "crash", "message": e.message})
+        finally:
+            worker.close(job.id)
+            self.running = None
+            self._idle.set()
+            job.finished.set()
+            self._durations.append(time.monotonic() - t0)
+
+    # -- variant swaps -------------------------------------------------------------------
+
+    def request_swap(self, variant: Variant, path: str, n_ctx: int, *, overlap: bool) -> asyncio.Future[bool]:
+        """Ask the supervisor to switch to `variant`; the future says whether it succeeded."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._target is not None and not self._target[4].done():
+            self._target[4].set_result(False)  # superseded by this newer decision
+        self._target = (variant, path, n_ctx, overlap, fut)
+        self._swap_req.set()
+        return fut
+
+    async def drain(self, seconds: float, reason: str) -> None:
+        """Wait for the running job to finish; past `seconds`, cancel it with `reason` and wait again."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._idle.wait()
+            return
+        except TimeoutError:
+            pass
+        job = self.running
+        if job is not None and self.worker is not None:
+            job.cancel_reason = reason
+            self.cancel(job)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await self._idle.wait()
+
+    async def _do_swap(self) -> None:
+        assert self._target is not None
+        variant, path, n_ctx, overlap, fut = self._target
+        rec = SwapRecord(at=time.time(), from_digest=self.variant.digest, to_digest=variant.digest, n_ctx=n_ctx,
+                         overlap=overlap)
+        self.swaps.append(rec)
+        t0 = time.monotonic()
+        new_spec = self._spec_for(variant, path, n_ctx)
+        old = self.worker
+        drain_reason = f"model {self.family} is switching to another variant"
+        try:
+            if overlap:
+                new = WorkerProcess(new_spec)
+                try:
+                    await new.start()
+                except Unavailable as e:
+                    raise SwapFailed(e.message) from None
+                self.ready.clear()
+                await self.drain(self.config.swap_drain_seconds, drain_reason)
+            else:
+                self.ready.clear()
+                self.state = "swapping"
+                await self.drain(self.config.swap_drain_seconds, drain_reason)
+                if old is not None:
+                    await old.stop()
+                new = WorkerProcess(new_spec)
+                try:
+                    await new.start()
+                except Unavailable as e:
+                    self.worker = None  # the supervisor reloads the current variant
+                    raise SwapFailed(e.message) from None
+            self.worker, self.spec, self.variant = new, new_spec, variant
+            self.state, self.reason = "ready", None
+            self.ready.set()
+            if overlap and old is not None:
+                await old.stop()
+            rec.outcome, rec.seconds = "ok", round(time.monotonic() - t0, 3)
+            log.info("model %s now serves %s (n_ctx %d) after a %.2f s swap", self.family,
+                     variant.quantization, n_ctx, rec.seconds)
+            if not fut.done():
+                fut.set_result(True)
+        except SwapFailed as e:
+            variant.broken = f"failed to load at swap time: {e}"
+            rec.outcome, rec.seconds = f"failed: {e}", round(time.monotonic() - t0, 3)
+            log.error("model %s: variant %s is broken (%s); staying on %s", self.family, variant.digest[:12], e,
+                      self.variant.quantization)
+            if self.worker is not None and not self.worker.exited.is_set():
+                self.state = "ready"
+                self.ready.set()
+            if not fut.done():
+                fut.set_result(False)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the queue's expected drain time, at least 1."""
+        avg = sum(self._durations) / len(self._durations) if self._durations else 1.0
+        return max(1, math.ceil(avg * (len(self.queue) + 1)))
+
+    def submit(self, request: dict[str, Any], timeout: float | None = None) -> Job:
+        """Queue a request; raise QueueFull or Unavailable if it cannot be accepted."""
+        if self.state == "broken":
+            raise Unavailable(f"model {self.family} is broken: {self.reason}", code="model_broken")
+        if self.state == "stopped":
+            raise Unavailable(f"model {self.family} is not running")
+        self.controls.check_admission()
+        if len(self.queue) >= self.config.queue_size:
+            raise QueueFull(f"model {self.family} has {len(self.queue)} requests waiting; try again later",
+                            retry_after=self.retry_after())
+        job = Job(request=request, deadline=time.monotonic() + (timeout or self.config.request_timeout))
+        self.queue.append(job)
+        self._wake.set()
+        return job
+
+    def fail_queued(self, kind: str, message: str, retry_after: float | None = None) -> None:
+        """Fail every job still waiting in the queue."""
+        while self.queue:
+            job = self.queue.popleft()
+            job.events.put_nowait({"ev": "error", "kind": kind, "message": message, "retry_after": retry_after})
+            job.finished.set()
+
+    def cancel(self, job: Job) -> None:
+        """Withdraw a job: drop it from the queue or stop its generation."""
+        if job.cancelled:
+            return
+        job.cancelled = True
+        if self.running is job and self.worker is not None:
+            self.worker.cancel(job.id)
+        else:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(job)
+            job.finished.set()
+
+    async def stream(self, job: Job) -> AsyncGenerator[dict[str, Any]]:
+        """Yield the job's events until it ends, raising API errors; cancel it if abandoned."""
+        finished = False
+        try:
+            while True:
+                remaining = job.deadline - time.monotonic()
+                try:
+                    async with asyncio.timeout(max(remaining, 0)):
+                        ev = await job.events.get()
+                except TimeoutError:
+                    raise DeadlineExceeded(f"the request did not finish within its deadline "
+                                           f"of {self.config.request_timeout:.0f} s") from None
+                kind = ev["ev"]
+                if kind == "done" and ev.get("finish_reason") == "cancelled" and job.cancel_reason:
+                    finished = True
+                    raise Unavailable(f"{job.cancel_reason}; retry the request", code="interrupted",
+                                      retry_after=5)
+                if kind in ("done", "embedding"):
+                    finished = True
+                    yield ev
+                    return
+                if kind == "crash":
+                    finished = True
+                    raise WorkerCrashed(f"the worker serving {self.family} crashed (status "
+                                        f"{ev.get('returncode')}); it is being restarted, retry the request",
+                                        retry_after=1)
+                if kind == "error":
+                    finished = True
+                    raise _worker_error(ev)
+                yield ev
+        finally:
+            if not finished:
+                self.cancel(job)
+
+    def status(self) -> dict[str, Any]:
+        """What this runner is doing, for /admin/status and `atoll status`."""
+        info = self.worker.ready_info if self.worker and self.state == "ready" else {}
+        return {
+            "model": self.family, "state": self.state, "reason": self.reason,
+            "variant": self.variant.digest, "quantization": self.variant.quantization,
+            "task": self.variant.task, "worker_pid": self.worker.pid if self.worker and self.state == "ready"
+            else None, "n_ctx": info.get("n_ctx"), "chat": info.get("chat"),
+            "queued": len(self.queue), "running": self.running is not None, "restarts": self.restarts,
+            "variants": [{"digest": v.digest, "quantization": v.quantization, "broken": v.broken}
+                         for v in self.variants],
+        }
+
+
+def _worker_error(ev: dict[str, Any]) -> Exception:
+    kind, msg = ev.get("kind"), str(ev.get("message", "worker error"))
+    if kind == "context_length":
+        return ContextLengthExceeded(msg)
+    if kind == "bad_request":
+        return BadRequest(msg)
+    if kind == "deadline":
+        return DeadlineExceeded(msg)
+    if kind == "governor":
+        return Unavailable(msg, code="overloaded", retry_after=ev.get("retry_after"))
+    if kind in ("unavailable", "crash"):
+        return Unavailable(msg)
+    return Unavailable(f"the model failed on this request: {msg}", code="inference_failed")
