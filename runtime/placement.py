@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from hardware.estimate import model_shape
 from hardware.fit import Budget, ContextPolicy, DeviceBudget, Plan, choose_variant
 from hardware.governor import State
 from hardware.probe import Snapshot
@@ -54,7 +55,19 @@ class Decision:
 
 
 def _healthy(variants: list[Variant]) -> list[Variant]:
-    return [v for v in variants if not v.broken and v.info is not None]
+    """Variants that are readable and whose header has what the memory estimate needs."""
+    out = []
+    for v in variants:
+        if v.broken or v.info is None:
+            continue
+        try:
+            model_shape(v.info)
+        except ValueError as e:
+            v.broken = f"cannot plan it: {e}"
+            log.warning("model %s variant sha256-%s: %s", v.family, v.digest[:12], v.broken)
+            continue
+        out.append(v)
+    return out
 
 
 def _shrink(budget: Budget, used: dict[str, int]) -> Budget:

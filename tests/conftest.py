@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,25 @@ def smollm2_path() -> Path:
 def gemma_path() -> Path:
     """The real gemma-3-270m Q4_K_M GGUF (a base model, no chat template)."""
     return _need(GEMMA)
+
+
+QUANTIZE = """
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+p.allow_requantize = True
+p.nthread = 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_0_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Path:
+    """A smaller variant of SmolLM2 (Q4_0), made here with llama.cpp's quantize API."""
+    out = tmp_path_factory.mktemp("variants") / "SmolLM2-135M-Instruct.Q4_0.gguf"
+    subprocess.run([sys.executable, "-c", QUANTIZE, str(smollm2_path), str(out), "Q4_0"], check=True,
+                   capture_output=True)
+    return out
 
 
 @pytest.fixture(scope="session")
