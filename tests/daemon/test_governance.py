@@ -92,7 +92,7 @@ async def test_variant_that_fails_to_load_is_marked_broken_and_serving_continues
     i = data.index(b"tokenizer.ggml.model")
     j = data.index(b"gpt2", i)
     bad.write_bytes(data[:j] + b"gpX2" + data[j + 4:])
-    app, small = await two_variant_app(make_app, state_dir, tmp_path, bad, [(0, 50), (1.5, 83)])
+    app, _ = await two_variant_app(make_app, state_dir, tmp_path, bad, [(0, 50), (1.5, 83)])
     hw = await wait_for(app, lambda h: h["swaps"]["smollm2"] and h["swaps"]["smollm2"][-1]["outcome"] != "pending")
     assert hw["swaps"]["smollm2"][-1]["outcome"].startswith("failed")
     st = (await (await app.client.get("/admin/status", headers=app.headers(admin=True))).json())["models"][0]
