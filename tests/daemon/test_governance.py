@@ -130,3 +130,44 @@ async def test_variant_whose_header_cannot_be_planned_is_marked_and_never_loaded
     assert any(v["broken"] and "cannot plan" in v["broken"] for v in st["variants"])
     assert (await hardware(app))["swaps"]["smollm2"] == []
     await chat_ok(app)
+
+
+async def test_swap_without_room_for_both_stops_first_and_the_queue_holds_requests(
+        make_app, state_dir, tmp_path, smollm2_q4_0_path) -> None:
+    from daemon.governance import footprint
+
+    store = ModelStore(state_dir)
+    small = store.add_file(smollm2_q4_0_path, family="smollm2")
+    fams = store.families()["smollm2"]
+    big = next(v for v in fams if v.digest != small.digest)
+    small = next(v for v in fams if v.digest == small.digest)
+    # after t=1.5 less RAM is free than the smaller variant needs alone, so it cannot load beside the old one;
+    # what the old one gives back makes it fit
+    avail = footprint(small, 512) - (8 << 20)
+    assert footprint(small, 512) < (avail + footprint(big, 512)) * 0.7
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"t": 0, "ram_total_bytes": 16 * GiB, "ram_available_bytes": 10 * GiB,
+                                "cpu_temp_c": 50}) + "\n" +
+                    json.dumps({"t": 1.5, "ram_total_bytes": 1 * GiB, "ram_available_bytes": avail,
+                                "cpu_temp_c": 83}) + "\n")
+    app = await make_app(sensor_replay=str(path), governor_interval=0.1, ram_headroom_mb=0,
+                         governor=GovernorThresholds(min_dwell_s=0.5))
+
+    async def one() -> tuple[int, str]:
+        r = await app.client.post("/v1/chat/completions", headers=app.headers(), json={
+            "model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+        body = await r.json()
+        return r.status, body.get("system_fingerprint", body)
+
+    results = []
+    async with asyncio.timeout(30):
+        while True:
+            results += await asyncio.gather(*(one() for _ in range(3)))
+            hw = await hardware(app)
+            if hw["swaps"]["smollm2"] and hw["swaps"]["smollm2"][-1]["outcome"] == "ok":
+                break
+    results += await asyncio.gather(*(one() for _ in range(3)))
+    swap = hw["swaps"]["smollm2"][-1]
+    assert swap["overlap"] is False and swap["to_digest"] == small.digest
+    assert all(status == 200 for status, _ in results), results
+    assert results[-1][1] == f"sha256-{small.digest[:16]}"
