@@ -150,9 +150,9 @@ class ModelStore:
             digest = h.hexdigest()
             if expected_size is not None and size != expected_size:
                 raise StoreError(f"size mismatch: expected {expected_size} bytes, got "
-                                 f"{'more' if size > expected_size else size}")
+                                 f"{'more' if size > expected_size else size}", code="size_mismatch")
             if want is not None and digest != want:
-                raise StoreError(f"hash mismatch: expected sha256 {want}, got {digest}")
+                raise StoreError(f"hash mismatch: expected sha256 {want}, got {digest}", code="hash_mismatch")
             final = self.blob_path(digest)
             os.replace(tmp, final)
             _fsync_dir(self.blobs_dir)
