@@ -19,3 +19,71 @@ async def test_first_import_installs_release(installed: Box) -> None:
     st = SyncState.load(sd)
     assert (st.current, st.previous, st.highest_sequence, st.pending) == (1, None, 1, None)
     assert [e for e, _ in installed.audit_log][-1] == "sync.import.installed"
+
+
+async def test_upgrade_keeps_previous_and_collects_older(installed: Box) -> None:
+    box = installed
+    await box.manager().import_bundle(box.bundle("b2", 2))
+    await box.manager().import_bundle(box.bundle("b3", 3))
+    st = SyncState.load(box.state_dir)
+    assert (st.current, st.previous, st.highest_sequence) == (3, 2, 3)
+    assert sorted(p.name for p in (box.state_dir / "releases").iterdir()) == ["2", "3"]
+    r2, r3 = (read_current_release(box.state_dir), None)
+    assert r2 is not None
+    blobs = {p.name.removeprefix("sha256-") for p in (box.state_dir / "blobs").iterdir()}
+    from sync.state import release_by_sequence
+
+    r2 = release_by_sequence(box.state_dir, 2)
+    r3 = release_by_sequence(box.state_dir, 3)
+    assert r2 is not None and r3 is not None
+    assert blobs == r2.blobs | r3.blobs
+
+
+async def test_same_bundle_twice_is_a_noop(installed: Box) -> None:
+    res = await installed.manager().import_bundle(installed.work / "b1")
+    assert res.status == "already_installed"
+
+
+async def test_rollback_returns_to_previous(installed: Box) -> None:
+    box = installed
+    await box.manager().import_bundle(box.bundle("b2", 2))
+    rel = await box.manager().rollback()
+    assert rel.sequence == 1
+    assert os.readlink(box.state_dir / "current") == "releases/1"
+    st = SyncState.load(box.state_dir)
+    assert (st.current, st.previous, st.highest_sequence) == (1, 2, 2)
+    # the rolled-back bundle cannot be re-imported as new, an older one neither
+    assert (await box.manager().import_bundle(box.work / "b2")).status == "already_installed"
+
+
+async def test_rollback_without_previous_is_refused(installed: Box) -> None:
+    import pytest
+
+    from sync.errors import RollbackUnavailable
+
+    with pytest.raises(RollbackUnavailable):
+        await installed.manager().rollback()
+
+
+async def test_blob_shared_with_installed_release_need_not_be_on_stick(installed: Box) -> None:
+    box = installed
+    gguf = box.work / "b1-m.gguf"
+    stick = box.bundle("b2", 2, {"tiny": [gguf], "tiny2": [box.gguf("new")]})
+    from runtime.store import ModelStore
+
+    digest = ModelStore(box.state_dir).ingest(gguf.open("rb"))[0]  # already present: a no-op rename
+    (stick / "ATOLL" / "blobs" / f"sha256-{digest}").unlink()
+    res = await box.manager().import_bundle(stick)
+    assert res.status == "installed" and res.files_copied == 1
+
+
+async def test_progress_reports_phases_and_bytes(installed: Box) -> None:
+    box = installed
+    seen: list[tuple[str, int, int]] = []
+    mgr = box.manager(on_progress=lambda p: seen.append((p.phase, p.bytes_done, p.files_done)))
+    await mgr.import_bundle(box.bundle("b2", 2))
+    phases = [s[0] for s in seen]
+    for ph in ("verifying", "copying", "building", "health_check", "switching", "committing", "done"):
+        assert ph in phases
+    assert mgr.progress.bytes_done == mgr.progress.bytes_total > 0
+    assert mgr.progress.files_done == mgr.progress.files_total == 2
