@@ -24,7 +24,7 @@ from typing import Any
 from runtime.store import ModelStore
 from sync.copy import Progress, ProgressCallback, copy_all
 from sync.errors import AlreadyInstalled, BundleRejected, ImportFailed, ImportInProgress, RollbackUnavailable
-from sync.fsutil import atomic_write, format_time
+from sync.fsutil import atomic_write, format_time, fsync_dir
 from sync.health import DEFAULT_HEALTH_CHECKS, HealthCheck
 from sync.recovery import collect_garbage, undo_import
 from sync.state import (
@@ -86,6 +86,7 @@ class SyncManager:
         self.checkpoint = checkpoint or _no_checkpoint
         self.progress = Progress()
         self._lock = asyncio.Lock()
+        self._undo_file = self.state_dir / f".{STATE_FILE}.undo"
 
     # -- reading -------------------------------------------------------------------------
 
@@ -134,9 +135,11 @@ class SyncManager:
         if st.pending is not None:
             seq = int(st.pending["sequence"])
             undo_import(self.state_dir, seq, st, added=None)
+            collect_garbage(self.state_dir, st, at_startup=True)  # frees space before the state write
             what = f"import of sequence {seq} was interrupted; returned to release {st.current}"
             st.pending = None
             st.save(self.state_dir)
+            self._undo_file.unlink(missing_ok=True)
             self.audit("sync.recovered", {"interrupted_sequence": seq, "current": st.current})
             log.warning("%s", what)
         elif self.state_dir.is_dir() and current_target(self.state_dir) != st.current:
@@ -145,6 +148,7 @@ class SyncManager:
             self.audit("sync.recovered", {"current": st.current})
         if st.current is not None or what:
             collect_garbage(self.state_dir, st, at_startup=True)
+        self._undo_file.unlink(missing_ok=True)
         return what
 
     # -- import --------------------------------------------------------------------------
@@ -191,7 +195,10 @@ class SyncManager:
 
     async def _apply(self, vb: VerifiedBundle, st: SyncState, t0: float) -> ImportResult:
         m = vb.manifest
-        state_existed = (self.state_dir / STATE_FILE).exists()
+        state_file = self.state_dir / STATE_FILE
+        state_existed = state_file.exists()
+        if state_existed:  # the undo copy lets a failure restore the state without needing free space
+            atomic_write(self._undo_file, state_file.read_bytes())
         pending = replace(st, pending={"sequence": m.sequence, "started": format_time(time.time())})
         pending.save(self.state_dir)
         self.checkpoint("pending")
@@ -217,9 +224,13 @@ class SyncManager:
                                 highest_digest=m.digest, newest_created=max(st.newest_created, m.created),
                                 pending=None)
             await asyncio.to_thread(committed.save, self.state_dir)
+            self._undo_file.unlink(missing_ok=True)
             self.checkpoint("committed")
         except BaseException as e:
-            await asyncio.shield(asyncio.to_thread(self._undo, m.sequence, st, added, state_existed))
+            try:
+                await asyncio.shield(asyncio.to_thread(self._undo, m.sequence, st, added, state_existed))
+            except Exception:
+                log.exception("could not undo the import of %d; start-up recovery will", m.sequence)
             self.progress.error = getattr(e, "message", None) or repr(e)
             self._phase("failed")
             code = getattr(e, "code", "import_failed")
@@ -238,7 +249,8 @@ class SyncManager:
     def _undo(self, sequence: int, st: SyncState, added: list[str], state_existed: bool) -> None:
         undo_import(self.state_dir, sequence, st, added=added)
         if state_existed:
-            st.save(self.state_dir)
+            os.replace(self._undo_file, self.state_dir / STATE_FILE)
+            fsync_dir(self.state_dir)
         else:
             (self.state_dir / STATE_FILE).unlink(missing_ok=True)
 
