@@ -156,7 +156,11 @@ class SyncManager:
     async def import_tar(self, tar_path: str | os.PathLike[str]) -> ImportResult:
         """Import a bundle packed as a tar file: strict extraction into staging, then import_bundle."""
         self.store.ensure()
-        work = await asyncio.to_thread(extract_bundle_tar, Path(tar_path), self.store.staging_dir)
+        try:
+            work = await asyncio.to_thread(extract_bundle_tar, Path(tar_path), self.store.staging_dir)
+        except BundleRejected as e:
+            self.audit("sync.import.rejected", {"path": str(tar_path), "code": e.code, "message": e.message})
+            raise
         try:
             return await self.import_bundle(work)
         finally:
