@@ -29,7 +29,7 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def progress(p: Progress) -> None:
-        if step == "mid-copy" and p.phase == "copying" and p.bytes_done > 2 * (1 << 20):
+        if step == "mid-copy" and p.phase == "copying" and p.bytes_done > 5 * (1 << 20):
             os.kill(os.getpid(), signal.SIGKILL)
 
     mgr = SyncManager(state, SyncConfig(headroom_bytes=1024), checkpoint=checkpoint, on_progress=progress)

@@ -46,7 +46,7 @@ def assert_consistent(box: Box, expect: int) -> None:
 @pytest.mark.parametrize("step", STEPS_OLD + STEPS_NEW)
 async def test_sigkill_at_each_step(installed: Box, step: str) -> None:
     box = installed
-    stick = box.bundle("b2", 2, {"tiny": [box.gguf("big", n_floats=800_000)], "tiny2": [box.gguf("small")]})
+    stick = box.bundle("b2", 2, {"tiny": [box.gguf("big", n_floats=3_000_000)], "tiny2": [box.gguf("small")]})
     before = snapshot(box.state_dir)
     proc = run_child(box.state_dir, stick, step)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -63,7 +63,7 @@ async def test_sigkill_at_each_step(installed: Box, step: str) -> None:
 
 async def test_disk_full_during_copy_via_rlimit(installed: Box) -> None:
     box = installed
-    stick = box.bundle("b2", 2, {"tiny": [box.gguf("big", n_floats=800_000)]})
+    stick = box.bundle("b2", 2, {"tiny": [box.gguf("big", n_floats=3_000_000)]})
     before = snapshot(box.state_dir)
     proc = run_child(box.state_dir, stick, "never", str(1 << 20))
     assert proc.returncode == 3 and proc.stdout.strip() == "disk_full", proc.stderr
@@ -114,7 +114,7 @@ async def test_stick_removed_mid_copy(installed: Box) -> None:
     from sync.errors import BundleRejected
 
     box = installed
-    stick = box.bundle("b2", 2, {"tiny": [box.gguf("big", n_floats=800_000)]})
+    stick = box.bundle("b2", 2, {"tiny": [box.gguf("big", n_floats=3_000_000)]})
     before = snapshot(box.state_dir)
 
     def pull(p: object) -> None:
@@ -131,7 +131,7 @@ async def test_stick_truncated_mid_copy(installed: Box) -> None:
     from sync.errors import BundleRejected
 
     box = installed
-    stick = box.bundle("b2", 2, {"tiny": [box.gguf("big", n_floats=800_000)]})
+    stick = box.bundle("b2", 2, {"tiny": [box.gguf("big", n_floats=3_000_000)]})
     before = snapshot(box.state_dir)
     big = max((stick / "ATOLL" / "blobs").iterdir(), key=lambda p: p.stat().st_size)
 
