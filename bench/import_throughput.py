@@ -119,6 +119,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="atoll-bench-", dir=args.dir))
     try:
         stick, state, blob = build(work, args.size_mb)
+        os.sync()  # let writeback of the freshly written bundle finish before timing anything
         size = blob.stat().st_size
         t0 = time.perf_counter()
         hash_file(blob)

@@ -254,7 +254,7 @@ class ModelStore:
 
 #: Pipelined copy: buffers in flight between the reading/hashing thread and the writer.
 PIPE_CHUNK = 4 << 20
-PIPE_DEPTH = 3
+PIPE_DEPTH = 4
 DIRECT_ALIGN = 4096
 
 
