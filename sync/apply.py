@@ -11,10 +11,12 @@ the new one, never a mix.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -87,6 +89,7 @@ class SyncManager:
         self.progress = Progress()
         self._lock = asyncio.Lock()
         self._undo_file = self.state_dir / f".{STATE_FILE}.undo"
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sync-copy")
 
     # -- reading -------------------------------------------------------------------------
 
@@ -207,10 +210,14 @@ class SyncManager:
         pending.save(self.state_dir)
         self.checkpoint("pending")
         added: list[str] = []
+        cancel = threading.Event()
+        copying: concurrent.futures.Future[None] | None = None
         try:
             self._phase("copying")
-            await asyncio.to_thread(copy_all, self.store, vb.atoll_dir, m.files, self.progress,
-                                    self._notify, self.checkpoint, added)
+            # a plain executor future, so a cancelled import can wait for the copy thread to stop
+            copying = self._executor.submit(copy_all, self.store, vb.atoll_dir, m.files, self.progress,
+                                            self._notify, self.checkpoint, added, cancel)
+            await asyncio.wrap_future(copying)
             self._phase("building")
             release = await asyncio.to_thread(self._build_release, vb)
             self.checkpoint("release_built")
@@ -231,7 +238,10 @@ class SyncManager:
             self._undo_file.unlink(missing_ok=True)
             self.checkpoint("committed")
         except BaseException as e:
+            cancel.set()
             try:
+                if copying is not None:
+                    await asyncio.shield(asyncio.to_thread(concurrent.futures.wait, [copying]))
                 await asyncio.shield(asyncio.to_thread(self._undo, m.sequence, st, added, state_existed))
             except Exception:
                 log.exception("could not undo the import of %d; start-up recovery will", m.sequence)

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,12 +50,15 @@ ProgressCallback = Callable[[Progress], None]
 
 
 class _Tracked:
-    """A reader that reports every chunk to the progress object and callback."""
+    """A reader that reports every chunk to the progress object and callback, and can be cancelled."""
 
-    def __init__(self, src: BinaryIO, progress: Progress, notify: Callable[[], None]) -> None:
-        self.src, self.progress, self.notify = src, progress, notify
+    def __init__(self, src: BinaryIO, progress: Progress, notify: Callable[[], None],
+                 cancel: threading.Event) -> None:
+        self.src, self.progress, self.notify, self.cancel = src, progress, notify, cancel
 
     def readinto(self, view: memoryview) -> int:
+        if self.cancel.is_set():
+            raise ImportFailed("the import was cancelled", code="cancelled")
         n = self.src.readinto(view)  # type: ignore[attr-defined]
         if n:
             self.progress.bytes_done += n
@@ -78,7 +82,7 @@ def blob_is_valid(path: Path, entry: FileEntry) -> bool:
 
 
 def copy_blob(store: ModelStore, blobs_dir: Path, entry: FileEntry, progress: Progress,
-              notify: Callable[[], None]) -> bool:
+              notify: Callable[[], None], cancel: threading.Event) -> bool:
     """Bring one listed blob into the store; return True if it was copied (False: present and valid)."""
     dest = store.blob_path(entry.digest)
     name = f"blobs/sha256-{entry.digest}"
@@ -97,7 +101,7 @@ def copy_blob(store: ModelStore, blobs_dir: Path, entry: FileEntry, progress: Pr
     start = progress.bytes_done
     try:
         with os.fdopen(fd, "rb") as src:
-            store.ingest(_Tracked(src, progress, notify),  # type: ignore[arg-type]
+            store.ingest(_Tracked(src, progress, notify, cancel),  # type: ignore[arg-type]
                          expected_digest=entry.digest, expected_size=entry.size)
     except StoreError as e:
         progress.bytes_done = start
@@ -111,11 +115,17 @@ def copy_blob(store: ModelStore, blobs_dir: Path, entry: FileEntry, progress: Pr
 
 
 def copy_all(store: ModelStore, atoll_dir: Path, files: tuple[FileEntry, ...], progress: Progress,
-             notify: Callable[[], None], checkpoint: Callable[[str], None], added: list[str]) -> None:
+             notify: Callable[[], None], checkpoint: Callable[[str], None], added: list[str],
+             cancel: threading.Event) -> None:
     """Copy every listed file (policy first: a bad policy fails fast); append new digests to `added`."""
+    blobs_dir = atoll_dir / "blobs"
+    if blobs_dir.is_symlink():
+        raise BundleRejected("ATOLL/blobs is a symlink", code="unsafe_file")
     ordered = sorted(files, key=lambda f: f.kind != "policy")
     for i, entry in enumerate(ordered):
-        if copy_blob(store, atoll_dir / "blobs", entry, progress, notify):
+        if cancel.is_set():
+            raise ImportFailed("the import was cancelled", code="cancelled")
+        if copy_blob(store, blobs_dir, entry, progress, notify, cancel):
             added.append(entry.digest)
         if entry.kind == "policy":
             with store.blob_path(entry.digest).open("rb") as f:

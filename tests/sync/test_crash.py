@@ -143,3 +143,22 @@ async def test_stick_truncated_mid_copy(installed: Box) -> None:
         await box.manager(on_progress=cut).import_bundle(stick)
     assert ei.value.code == "blob_size_mismatch"
     assert snapshot(box.state_dir) == before
+
+
+async def test_cancelled_import_leaves_old_release(installed: Box) -> None:
+    import asyncio
+
+    box = installed
+    stick = box.bundle("b2", 2, {"tiny": [box.gguf("big", n_floats=3_000_000)]})
+    before = snapshot(box.state_dir)
+    loop = asyncio.get_running_loop()
+    task: asyncio.Task[object] | None = None
+
+    def cancel_mid_copy(p: object) -> None:
+        if getattr(p, "phase", "") == "copying" and getattr(p, "bytes_done", 0) > 0 and task is not None:
+            loop.call_soon_threadsafe(task.cancel)
+
+    task = asyncio.ensure_future(box.manager(on_progress=cancel_mid_copy).import_bundle(stick))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert snapshot(box.state_dir) == before
