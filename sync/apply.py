@@ -73,7 +73,15 @@ def _no_checkpoint(step: str) -> None:
 
 
 class SyncManager:
-    """The box side of sync: import, rollback, start-up recovery, the current release."""
+    """The box side of sync: import, rollback, start-up recovery, the current release.
+
+    One instance per daemon. `audit(event, details)` is called on the event-loop thread
+    (by `recover()`, on the caller's). `on_progress(progress)` is called on the loop thread
+    and, while blobs are copied, on the copy thread: hand it on with
+    `loop.call_soon_threadsafe`, or just poll `manager.progress.snapshot()`. Imports and
+    rollbacks are serialized in-process and across processes (flock on .sync.lock); a
+    second one gets ImportInProgress (409).
+    """
 
     def __init__(self, state_dir: str | os.PathLike[str], config: SyncConfig | None = None, *,
                  health_checks: Sequence[HealthCheck] = DEFAULT_HEALTH_CHECKS,
@@ -129,7 +137,10 @@ class SyncManager:
         if not self.state_dir.is_dir():
             return None
         with (self.state_dir / ".sync.lock").open("a") as lk:
-            fcntl.flock(lk, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise ImportInProgress("an import is running; recover only at start-up") from e
             return self._recover()
 
     def _recover(self) -> str | None:
