@@ -250,12 +250,14 @@ class SyncManager:
             self.checkpoint("committed")
         except BaseException as e:
             cancel.set()
-            try:
-                if copying is not None:
-                    await asyncio.shield(asyncio.to_thread(concurrent.futures.wait, [copying]))
-                await asyncio.shield(asyncio.to_thread(self._undo, m.sequence, st, added, state_existed))
-            except Exception:
-                log.exception("could not undo the import of %d; start-up recovery will", m.sequence)
+            undo = asyncio.ensure_future(asyncio.to_thread(self._undo, copying, m.sequence, st, added,
+                                                           state_existed))
+            while not undo.done():  # the undo finishes even if we are cancelled again meanwhile
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(undo)
+            if undo.exception() is not None:
+                log.error("could not undo the import of %d; start-up recovery will: %r",
+                          m.sequence, undo.exception())
             self.progress.error = getattr(e, "message", None) or repr(e)
             self._phase("failed")
             code = getattr(e, "code", "import_failed")
@@ -271,7 +273,10 @@ class SyncManager:
         copied = sum(f.size for f in m.files if f.digest in added)
         return ImportResult("installed", m.sequence, m.version, len(added), copied, time.monotonic() - t0)
 
-    def _undo(self, sequence: int, st: SyncState, added: list[str], state_existed: bool) -> None:
+    def _undo(self, copying: concurrent.futures.Future[None] | None, sequence: int, st: SyncState,
+              added: list[str], state_existed: bool) -> None:
+        if copying is not None:
+            concurrent.futures.wait([copying])  # the copy thread has seen `cancel` and stopped
         undo_import(self.state_dir, sequence, st, added=added)
         if state_existed:
             os.replace(self._undo_file, self.state_dir / STATE_FILE)
