@@ -162,3 +162,24 @@ async def test_cancelled_import_leaves_old_release(installed: Box) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert snapshot(box.state_dir) == before
+
+
+async def test_sigkill_after_root_rotation_written(installed: Box) -> None:
+    """Documented window: the rotated root (signed by the old keys) stays trusted, the release is old."""
+    import json
+
+    from tests.sync.helpers import write_json
+
+    box = installed
+    kr = box.kr
+    new_root, new_bundle = kr.new_keys("root2", 3), kr.new_keys("bundle2", 3)
+    rp = write_json(box.work / "2.root.json",
+                    kr.root_doc(2, new_root, new_bundle, signers=kr.root_keys[:2] + new_root[:2]))
+    stick = box.bundle("b2", 2, signers=new_bundle[:2], root_chain=(rp,))
+    proc = run_child(box.state_dir, stick, "root_written")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    box.manager().recover()
+    assert_consistent(box, 1)
+    assert json.loads((box.state_dir / "trust" / "root.json").read_text())["signed"]["version"] == 2
+    assert (await box.manager().import_bundle(stick)).status == "installed"
+    assert_consistent(box, 2)

@@ -114,3 +114,34 @@ async def test_stick_is_only_read(box: Box) -> None:
     before = snapshot(stick)
     await box.manager().import_bundle(stick)
     assert snapshot(stick) == before
+
+
+async def test_damaged_blob_in_store_is_recopied_not_trusted(installed: Box) -> None:
+    box = installed
+    gguf = box.work / "b1-m.gguf"
+    rel1 = read_current_release(box.state_dir)
+    assert rel1 is not None
+    (digest,) = [v["digest"] for v in rel1.families["tiny"]]
+    blob = box.state_dir / "blobs" / f"sha256-{digest}"
+    blob.write_bytes(b"rot" + blob.read_bytes()[3:])  # bit rot in the store
+    stick = box.bundle("b2", 2, {"tiny": [gguf]})
+    res = await box.manager().import_bundle(stick)
+    assert res.files_copied == 1 and res.status == "installed"
+    assert blob.read_bytes() == gguf.read_bytes()
+
+
+async def test_damaged_blob_missing_from_stick_is_refused(installed: Box) -> None:
+    from sync.errors import BundleRejected
+
+    box = installed
+    gguf = box.work / "b1-m.gguf"
+    rel1 = read_current_release(box.state_dir)
+    assert rel1 is not None
+    (digest,) = [v["digest"] for v in rel1.families["tiny"]]
+    blob = box.state_dir / "blobs" / f"sha256-{digest}"
+    blob.write_bytes(b"rot" + blob.read_bytes()[3:])
+    stick = box.bundle("b2", 2, {"tiny": [gguf]})
+    (stick / "ATOLL" / "blobs" / f"sha256-{digest}").unlink()
+    with pytest.raises(BundleRejected) as ei:
+        await box.manager().import_bundle(stick)
+    assert ei.value.code == "missing_blob"
