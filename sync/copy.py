@@ -57,6 +57,7 @@ class _Tracked:
         self.src, self.progress, self.notify, self.cancel = src, progress, notify, cancel
 
     def readinto(self, view: memoryview) -> int:
+        """Read into `view`, count the bytes, notify; refuse once cancelled."""
         if self.cancel.is_set():
             raise ImportFailed("the import was cancelled", code="cancelled")
         n = self.src.readinto(view)  # type: ignore[attr-defined]

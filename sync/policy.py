@@ -76,6 +76,7 @@ class _Table:
         self.t, self.name = t, name
 
     def int(self, key: str, lo: int, hi: int) -> int:
+        """The integer at `key`, within lo..hi."""
         v = self.t[key]
         if not isinstance(v, int) or isinstance(v, bool):
             raise _bad(f"{self.name}.{key} must be an integer")
@@ -84,6 +85,7 @@ class _Table:
         return v
 
     def float(self, key: str, lo: float, hi: float) -> float:
+        """The number at `key`, within lo..hi."""
         v = self.t[key]
         if not isinstance(v, int | float) or isinstance(v, bool):
             raise _bad(f"{self.name}.{key} must be a number")
@@ -92,6 +94,7 @@ class _Table:
         return float(v)
 
     def bool(self, key: str) -> bool:
+        """The boolean at `key`."""
         v = self.t[key]
         if not isinstance(v, bool):
             raise _bad(f"{self.name}.{key} must be true or false")

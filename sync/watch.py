@@ -36,6 +36,7 @@ class _Handler(FileSystemEventHandler):
         self.loop, self.sink = loop, sink
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        """Hand created/moved/written paths to the loop."""
         # not "modified": reading a bundle can bump atime (IN_ATTRIB), which must not re-trigger
         if event.event_type not in ("created", "moved", "closed"):
             return
