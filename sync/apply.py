@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,7 +26,14 @@ from typing import Any
 
 from runtime.store import ModelStore
 from sync.copy import Progress, ProgressCallback, copy_all
-from sync.errors import AlreadyInstalled, BundleRejected, ImportFailed, ImportInProgress, RollbackUnavailable
+from sync.errors import (
+    AlreadyInstalled,
+    BundleRejected,
+    ImportFailed,
+    ImportInProgress,
+    InsufficientSpace,
+    RollbackUnavailable,
+)
 from sync.fsutil import atomic_write, format_time, fsync_dir
 from sync.health import DEFAULT_HEALTH_CHECKS, HealthCheck
 from sync.recovery import collect_garbage, undo_import
@@ -170,8 +178,11 @@ class SyncManager:
     async def import_tar(self, tar_path: str | os.PathLike[str]) -> ImportResult:
         """Import a bundle packed as a tar file: strict extraction into staging, then import_bundle."""
         self.store.ensure()
+        room = shutil.disk_usage(self.store.staging_dir).free - self.config.headroom_bytes
         try:
-            work = await asyncio.to_thread(extract_bundle_tar, Path(tar_path), self.store.staging_dir)
+            if room <= 0:
+                raise InsufficientSpace("no room on the store's filesystem to unpack the tar file")
+            work = await asyncio.to_thread(extract_bundle_tar, Path(tar_path), self.store.staging_dir, room)
         except BundleRejected as e:
             self.audit("sync.import.rejected", {"path": str(tar_path), "code": e.code, "message": e.message})
             raise
@@ -328,7 +339,5 @@ class SyncManager:
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 

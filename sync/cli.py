@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from sync.apply import Audit, SyncManager
 from sync.builder import check_bundle, create_bundle, sign_bundle
 from sync.errors import TrustError
 from sync.fsutil import atomic_write, canonical_json, pretty_json
+from sync.health import DEFAULT_HEALTH_CHECKS, HealthCheck
 from sync.keys import generate_key, load_public_key, load_signing_key
 from sync.roots import MAX_ROOT_BYTES, check_self_signed, new_root_document, parse_root, sign_root_document
 from sync.signatures import require_threshold
@@ -191,7 +192,8 @@ def cmd_trust_sign(args: argparse.Namespace) -> int:
 
 # -- on the box --------------------------------------------------------------------------------
 
-def _manager(args: argparse.Namespace, audit_factory: AuditFactory | None) -> SyncManager:
+def _manager(args: argparse.Namespace, audit_factory: AuditFactory | None,
+             health_checks: Sequence[HealthCheck]) -> SyncManager:
     sd = _state_dir(args)
     cfg = SyncConfig(product=args.product, device_class=args.device_class)
 
@@ -200,15 +202,17 @@ def _manager(args: argparse.Namespace, audit_factory: AuditFactory | None) -> Sy
             print(f"\r{p.phase:<12} {p.files_done}/{p.files_total} files "
                   f"{p.bytes_done >> 20}/{p.bytes_total >> 20} MiB", end="", file=sys.stderr, flush=True)
 
-    mgr = SyncManager(sd, cfg, audit=audit_factory(sd) if audit_factory else None, on_progress=show)
+    mgr = SyncManager(sd, cfg, audit=audit_factory(sd) if audit_factory else None, on_progress=show,
+                      health_checks=health_checks)
     mgr.recover()
     return mgr
 
 
-def cmd_import(audit_factory: AuditFactory | None) -> Callable[[argparse.Namespace], int]:
+def cmd_import(audit_factory: AuditFactory | None,
+               health_checks: Sequence[HealthCheck]) -> Callable[[argparse.Namespace], int]:
     """`atoll import PATH`: verify and apply a bundle from a directory or a .tar file."""
     def run(args: argparse.Namespace) -> int:
-        mgr = _manager(args, audit_factory)
+        mgr = _manager(args, audit_factory, health_checks)
         p = Path(args.path)
         coro = mgr.import_tar(p) if p.is_file() and p.name != "bundle.json" else mgr.import_bundle(p)
         res = asyncio.run(coro)
@@ -218,10 +222,11 @@ def cmd_import(audit_factory: AuditFactory | None) -> Callable[[argparse.Namespa
     return run
 
 
-def cmd_rollback(audit_factory: AuditFactory | None) -> Callable[[argparse.Namespace], int]:
+def cmd_rollback(audit_factory: AuditFactory | None,
+                 health_checks: Sequence[HealthCheck]) -> Callable[[argparse.Namespace], int]:
     """`atoll rollback`: return to the previous release."""
     def run(args: argparse.Namespace) -> int:
-        rel = asyncio.run(_manager(args, audit_factory).rollback())
+        rel = asyncio.run(_manager(args, audit_factory, health_checks).rollback())
         _print({"current": rel.sequence, "version": rel.version})
         return 0
     return run
@@ -243,8 +248,13 @@ def _root_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sign", type=Path, action="append", help="private key file to sign with (repeat)")
 
 
-def register(subparsers: Any, *, audit_factory: AuditFactory | None = None) -> None:
-    """Add keys/bundle/trust/import/rollback to the `atoll` argparse subparsers."""
+def register(subparsers: Any, *, audit_factory: AuditFactory | None = None,
+             health_checks: Sequence[HealthCheck] = DEFAULT_HEALTH_CHECKS) -> None:
+    """Add keys/bundle/trust/import/rollback to the `atoll` argparse subparsers.
+
+    audit_factory(state_dir) returns the audit hook for on-box commands; health_checks
+    are run on a release before `atoll import` switches to it.
+    """
     keys = subparsers.add_parser("keys", help="signing keys").add_subparsers(dest="keys_cmd", required=True)
     p = keys.add_parser("generate", help="generate an Ed25519 key pair (private key 0600, never printed)")
     p.add_argument("name", help="file name stem: NAME.key and NAME.pub.json")
@@ -300,11 +310,11 @@ def register(subparsers: Any, *, audit_factory: AuditFactory | None = None) -> N
     p.add_argument("path", help="stick mount point, ATOLL dir, bundle.json or a .tar file")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     _box_opts(p)
-    p.set_defaults(func=_guard(cmd_import(audit_factory)))
+    p.set_defaults(func=_guard(cmd_import(audit_factory, health_checks)))
     p = subparsers.add_parser("rollback", help="return to the previous release")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     _box_opts(p)
-    p.set_defaults(func=_guard(cmd_rollback(audit_factory)))
+    p.set_defaults(func=_guard(cmd_rollback(audit_factory, health_checks)))
 
 
 def main(argv: list[str] | None = None) -> int:
