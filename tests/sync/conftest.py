@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,5 +70,3 @@ async def installed(box: Box) -> Box:
     assert res.status == "installed"
     return box
 
-
-SnapshotFn = Callable[[], dict[str, tuple[str, str]]]
