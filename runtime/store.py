@@ -15,16 +15,21 @@ inspection, so a corrupt or truncated blob is reported as broken with its reason
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
+import mmap
 import os
 import re
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -130,29 +135,21 @@ class ModelStore:
         self.ensure()
         want = validate_digest(expected_digest) if expected_digest else None
         h = hashlib.sha256()
-        size = 0
         cap = None if expected_size is None else expected_size + 1
         fd, tmp_name = tempfile.mkstemp(prefix="ingest-", dir=self.staging_dir)
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out:
-                buf = bytearray(COPY_CHUNK)
-                view = memoryview(buf)
-                while cap is None or size < cap:
-                    n = src.readinto(view if cap is None else view[: min(COPY_CHUNK, cap - size)])  # type: ignore[attr-defined]
-                    if not n:
-                        break
-                    h.update(view[:n])
-                    out.write(view[:n])
-                    size += n
-                out.flush()
-                os.fsync(out.fileno())
+            try:
+                size = _copy_hashing(src, fd, h, cap)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             digest = h.hexdigest()
             if expected_size is not None and size != expected_size:
                 raise StoreError(f"size mismatch: expected {expected_size} bytes, got "
-                                 f"{'more' if size > expected_size else size}")
+                                 f"{'more' if size > expected_size else size}", code="size_mismatch")
             if want is not None and digest != want:
-                raise StoreError(f"hash mismatch: expected sha256 {want}, got {digest}")
+                raise StoreError(f"hash mismatch: expected sha256 {want}, got {digest}", code="hash_mismatch")
             final = self.blob_path(digest)
             os.replace(tmp, final)
             _fsync_dir(self.blobs_dir)
@@ -253,6 +250,97 @@ class ModelStore:
         if v.broken:
             log.warning("model %s variant sha256-%s is broken: %s", v.family, v.digest[:12], v.broken)
         return v
+
+
+#: Pipelined copy: buffers in flight between the reading/hashing thread and the writer.
+PIPE_CHUNK = 4 << 20
+PIPE_DEPTH = 4
+DIRECT_ALIGN = 4096
+
+
+class _Writer:
+    """Writes chunks to `fd`, with O_DIRECT where the filesystem allows it.
+
+    O_DIRECT skips the page cache (the copy is fsynced anyway), which on the boxes
+    measured is several times faster than buffered writes and lets writing overlap
+    with hashing. The unaligned tail of the file is written buffered.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, self.flags | os.O_DIRECT)
+            self.direct = True
+        except OSError:  # tmpfs and some FUSE filesystems
+            self.direct = False
+
+    def _buffered(self) -> None:
+        if self.direct:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
+            self.direct = False
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def write(self, buf: mmap.mmap, n: int) -> None:
+        view = memoryview(buf)[:n]
+        if self.direct:
+            start = os.lseek(self.fd, 0, os.SEEK_CUR)
+            try:
+                self._write_all(view[: n - n % DIRECT_ALIGN])
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._buffered()  # O_DIRECT accepted by fcntl but refused by the filesystem
+            view = view[os.lseek(self.fd, 0, os.SEEK_CUR) - start:]
+        if view:
+            self._buffered()
+            self._write_all(view)
+
+
+def _fill(src: BinaryIO, view: memoryview) -> int:
+    """readinto until `view` is full or the source ends (keeps writes aligned)."""
+    got = 0
+    while got < len(view):
+        n = src.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _copy_hashing(src: BinaryIO, fd: int, h: Any, cap: int | None) -> int:
+    """Copy src to fd, hashing what is read; read at most `cap` bytes. Writing runs in a second thread."""
+    writer = _Writer(fd)
+    bufs = [mmap.mmap(-1, PIPE_CHUNK) for _ in range(PIPE_DEPTH)]
+    inflight: collections.deque[Future[None]] = collections.deque()
+    size = 0
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="ingest-write") as ex:
+            for i in itertools.count():
+                if len(inflight) == PIPE_DEPTH:
+                    inflight.popleft().result()  # frees bufs[i % PIPE_DEPTH]
+                limit = PIPE_CHUNK if cap is None else min(PIPE_CHUNK, cap - size)
+                view = memoryview(bufs[i % PIPE_DEPTH])[:limit]
+                n = _fill(src, view) if limit else 0
+                if n:
+                    h.update(view[:n])
+                    size += n
+                    inflight.append(ex.submit(writer.write, bufs[i % PIPE_DEPTH], n))
+                view.release()
+                if n < PIPE_CHUNK:
+                    break
+            while inflight:
+                inflight.popleft().result()
+    finally:
+        for f in inflight:
+            f.cancel()
+        for b in bufs:
+            with contextlib.suppress(BufferError):  # a traceback may still hold a view; GC frees it
+                b.close()
+    return size
 
 
 def _default_family(info: GGUFInfo, path: Path) -> str:
