@@ -41,6 +41,8 @@ async def admin_status(request: web.Request) -> web.Response:
         "governor": {"state": s.hardware.governor.state.name.lower(), "reason": s.hardware.reason,
                      "admitting": s.scheduler.controls.admitting},
         "models": [r.status() for _, r in sorted(s.scheduler.runners.items())],
+        "updates": {"current": (rel := s.updates.release()) and {"sequence": rel.sequence, "version": rel.version},
+                    "progress": s.updates.manager.progress.snapshot()},
     })
 
 

@@ -56,13 +56,16 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-def _sampling(body: dict[str, Any], n_ctx: int | None, default_max: int | None) -> dict[str, Any]:
+def _sampling(body: dict[str, Any], n_ctx: int | None, default_max: int | None, cap: int | None) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max
     if n_ctx is not None and max_tokens is not None and max_tokens >= n_ctx:
         raise ContextLengthExceeded(f"max_tokens {max_tokens} is beyond the model's context window of "
                                     f"{n_ctx} tokens", param="max_tokens")
+    if cap is not None and max_tokens is not None and max_tokens > cap:
+        raise BadRequest(f"max_tokens {max_tokens} is over the site policy's limit of {cap}", param="max_tokens",
+                         code="policy_limit")
     stop = body.get("stop")
-    return {"max_tokens": max_tokens, "temperature": body.get("temperature", 1.0),
+    return {"max_tokens": max_tokens, "max_tokens_cap": cap, "temperature": body.get("temperature", 1.0),
             "top_p": body.get("top_p", 1.0), "seed": body.get("seed"),
             "stop": [stop] if isinstance(stop, str) else list(stop or [])}
 
@@ -95,7 +98,7 @@ class Generation:
 
     def submit(self, worker_request: dict[str, Any]) -> Job:
         """Queue the request (raises 429/503 as the runner decides)."""
-        if self.services.settings.log_prompts:
+        if self.services.limits.log_prompts:
             self.usage.prompt_text = json.dumps(worker_request.get("messages") or worker_request.get("prompt"))
         self.job = self.runner.submit(worker_request)
         return self.job
@@ -125,7 +128,7 @@ class Generation:
             self.usage.status, self.usage.http_status = f"error:{error.code}", error.status
         elif error is not None and self.usage.status == "ok":
             self.usage.status, self.usage.http_status = "cancelled", 499
-        if self.services.settings.log_prompts:
+        if self.services.limits.log_prompts:
             self.usage.completion_text = "".join(self.text)
         row = self.usage.row()
         self.services.spawn(self._record(row))
@@ -161,7 +164,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, CHAT_REQUEST)
     gen = Generation(request, "chat", body)
     try:
-        params = _sampling(body, gen.n_ctx(), None)
+        params = _sampling(body, gen.n_ctx(), None, gen.services.limits.max_tokens)
         job = gen.submit({"op": "generate", "messages": _messages(body), **params})
         if body.get("stream"):
             return await _stream(gen, job, chat=True)
@@ -187,7 +190,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     gen = Generation(request, "completions", body)
     try:
         prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0]
-        params = _sampling(body, gen.n_ctx(), gen.services.settings.completion_max_tokens_default)
+        params = _sampling(body, gen.n_ctx(), gen.services.settings.completion_max_tokens_default,
+                           gen.services.limits.max_tokens)
         job = gen.submit({"op": "generate", "prompt": prompt, **params})
         if body.get("stream"):
             return await _stream(gen, job, chat=False)

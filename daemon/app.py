@@ -10,16 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from aiohttp import web
 
-from daemon import api_admin, api_openai
+from daemon import api_admin, api_openai, api_updates
 from daemon.config import Settings
 from daemon.middleware import PUBLIC_PATHS, auth_middleware, errors_middleware
-from daemon.schemas import CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST, ERROR_RESPONSE
-from daemon.services import SERVICES, VERSION, Services
+from daemon.schemas import BUNDLE_PATH_REQUEST, CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST, ERROR_RESPONSE
+from daemon.services import SERVICES, VERSION, Services, package_version
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,12 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/admin/usage", api_admin.admin_usage, "Latest usage records (admin)"),
     Route("GET", "/admin/hardware", api_admin.admin_hardware,
           "Sensors, governor state and history, variant decisions and swaps (admin)"),
+    Route("GET", "/admin/bundles", api_updates.get_bundles,
+          "Installed release, update progress (phase, bytes, files), last import result (admin)"),
+    Route("POST", "/admin/bundles", api_updates.post_bundle,
+          "Import a signed bundle: a tar body (application/x-tar) or {\"path\": DIR} on the box (admin)",
+          BUNDLE_PATH_REQUEST),
+    Route("POST", "/admin/rollback", api_updates.post_rollback, "Return to the previous release (admin)"),
 )
 
 _ERRORS = {
@@ -98,14 +103,6 @@ def openapi_document(app_version: str) -> dict[str, Any]:
         "components": {"schemas": {"Error": ERROR_RESPONSE},
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
-
-
-def package_version() -> str:
-    """Installed version of atoll, or 0+source when run from a checkout."""
-    try:
-        return version("atoll")
-    except PackageNotFoundError:
-        return "0+source"
 
 
 def create_app(settings: Settings, services: Services) -> web.Application:

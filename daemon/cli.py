@@ -14,6 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from daemon import config
@@ -21,6 +22,9 @@ from daemon.auth import create_token, list_tokens, revoke_token
 from daemon.db import StateDB
 from runtime.errors import AtollError
 from runtime.store import ModelStore
+from sync import cli as sync_cli
+from sync.health import DEFAULT_HEALTH_CHECKS, HealthCheck
+from sync.state import Release
 
 
 def _state_args(p: argparse.ArgumentParser) -> None:
@@ -175,6 +179,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_audit(state_dir: Path) -> Callable[[str, dict[str, Any]], None]:
+    db = StateDB(state_dir / "atoll.db")
+
+    def audit(event: str, detail: dict[str, Any]) -> None:
+        outcome = "refused" if event.endswith(".rejected") else "failed" if event.endswith(".failed") else "ok"
+        db.audit("local-admin", event, outcome, **detail)
+
+    return audit
+
+
+def _cli_health_checks() -> tuple[HealthCheck, ...]:
+    """The same checks the daemon runs: policy, headers, and each model loaded in a fresh worker."""
+
+    async def smoke(release: Release, store: ModelStore) -> None:
+        from daemon.updates import smoke_test
+        from runtime.worker_client import WorkerSpec
+
+        for fam, variants in store.families(release.families).items():
+            if fam in release.families:
+                for v in variants:
+                    await smoke_test(WorkerSpec(model_path=str(store.blob_path(v.digest)), n_ctx=512,
+                                                embedding=v.task == "embed"), fam)
+
+    return (*DEFAULT_HEALTH_CHECKS, smoke)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     ap = argparse.ArgumentParser(prog="atoll", description="atoll: offline LAN inference appliance daemon")
@@ -225,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     _state_args(p)
     p.set_defaults(func=cmd_token_revoke)
+
+    sync_cli.register(sub, audit_factory=_cli_audit, health_checks=_cli_health_checks())
 
     p = sub.add_parser("status", help="ask the running daemon what it serves")
     p.add_argument("--url", help="daemon URL (default from settings: http://127.0.0.1:8080)")

@@ -66,6 +66,9 @@ class Settings:
         minimum=0)
     swap_drain_seconds: float = _opt(
         30.0, "seconds a running request may take to finish before a variant swap cancels it", minimum=0)
+    max_upload_bytes: int = _opt(64 << 30, "largest bundle accepted by POST /admin/bundles (bytes)", minimum=1)
+    usb_watch: bool = _opt(True, "watch the media directories for update bundles on USB sticks")
+    media_dirs: str = _opt("/media:/run/media", "where USB sticks are mounted, ':'-separated")
     governor: GovernorThresholds = field(default_factory=GovernorThresholds, metadata={
         "help": "thresholds of the thermal/memory governor: a [governor] table in the TOML file only",
         "toml_table": True})

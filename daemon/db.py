@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import logging
 import sqlite3
@@ -94,16 +95,22 @@ class StateDB:
             self._executor = None
         self.db.conn.close()
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a DB method on the DB thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     # -- usage and audit ---------------------------------------------------------------
 
     def record_usage(self, row: dict[str, Any]) -> None:
         """Store one request's usage metadata."""
         self.db.table("usage").insert({"ts": now_iso(), **row})
+
+    def purge_prompt_text(self, older_than: str) -> int:
+        """Blank the prompt and completion text of usage rows older than the ISO time; return rows changed."""
+        cur = self.db.execute("UPDATE usage SET prompt_text = NULL, completion_text = NULL WHERE ts < ? AND "
+                              "(prompt_text IS NOT NULL OR completion_text IS NOT NULL)", [older_than])
+        return int(cur.rowcount)
 
     def usage(self, limit: int = 100) -> list[dict[str, Any]]:
         """Most recent usage rows, newest first."""

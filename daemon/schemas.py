@@ -76,6 +76,14 @@ EMBEDDING_REQUEST: dict[str, Any] = {
     },
 }
 
+BUNDLE_PATH_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["path"],
+    "properties": {"path": {"type": "string", "minLength": 1,
+                            "description": "directory on the box holding ATOLL/ (or send the bundle as a tar body "
+                                           "with Content-Type application/x-tar)"}},
+}
+
 ERROR_RESPONSE: dict[str, Any] = {
     "type": "object",
     "required": ["error"],

@@ -7,17 +7,17 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from aiohttp import web
 
 from daemon.config import Settings
 from daemon.db import StateDB
-from daemon.governance import HardwareControl, make_source, placement_policy
+from daemon.governance import HardwareControl, make_source
+from daemon.updates import Limits, Updates
 from hardware.governor import State
 from hardware.probe import Prober
-from runtime.placement import decide
-from runtime.runner import ModelRunner
 from runtime.scheduler import Scheduler, SchedulerConfig
 from runtime.store import ModelStore
 
@@ -33,6 +33,8 @@ class Services:
     store: ModelStore
     scheduler: Scheduler
     hardware: HardwareControl
+    updates: Updates
+    limits: Limits
     started: float = field(default_factory=time.monotonic)
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -47,9 +49,11 @@ class Services:
         await self.db.start()
         await self.scheduler.start()
         await self.hardware.start()
+        await self.updates.start()
 
     async def stop(self) -> None:
         """Stop the parts in reverse order, letting background writes finish."""
+        await self.updates.stop()
         await self.hardware.stop()
         await self.scheduler.stop()
         if self.background:
@@ -61,8 +65,17 @@ SERVICES = web.AppKey("services", Services)
 VERSION = web.AppKey("version", str)
 
 
+def package_version() -> str:
+    """Installed version of atoll, or 0+source when run from a checkout."""
+    try:
+        return version("atoll")
+    except PackageNotFoundError:
+        return "0+source"
+
+
 def bootstrap(settings: Settings) -> Services:
-    """Open the store and the state DB, read the sensors once, and plan one runner per model family."""
+    """Open the store and state DB, finish or undo an interrupted update, read the sensors once,
+    put the installed policy in force and plan one runner per served model family."""
     store = ModelStore(settings.state_dir)
     store.ensure()
     db = StateDB(settings.db_path)
@@ -71,21 +84,17 @@ def bootstrap(settings: Settings) -> Services:
                                           load_timeout=settings.load_timeout,
                                           swap_drain_seconds=settings.swap_drain_seconds))
     prober = Prober(make_source(settings))
-    families = {f: vs for f, vs in store.families().items() if vs}
-    decisions = decide(families, prober.read(), State.NORMAL, placement_policy(settings))
-    for family, variants in families.items():
-        d = decisions[family]
-        v, n_ctx = d.variant, d.n_ctx
-        if v is None:
-            healthy = [x for x in variants if not x.broken]
-            v = min(healthy, key=lambda x: x.size) if healthy else variants[0]
-            if healthy:
-                log.warning("model %s: %s; trying its smallest variant %s", family, d.why, v.quantization)
-        scheduler.add(ModelRunner(family, v, str(store.blob_path(v.digest)), scheduler.config, scheduler.controls,
-                                  n_ctx=n_ctx, variants=variants))
-    if not scheduler.runners:
-        log.warning("the model store at %s is empty: add a model with `atoll models add FILE.gguf`",
-                    settings.state_dir)
     hardware = HardwareControl(settings, store, scheduler, prober)
-    hardware.decisions = decisions
-    return Services(settings=settings, db=db, store=store, scheduler=scheduler, hardware=hardware)
+    limits = Limits(log_prompts=settings.log_prompts)
+    updates = Updates(settings, store, scheduler, hardware, db, limits, package_version())
+    recovered = updates.manager.recover()
+    if recovered:
+        log.warning("update recovery: %s", recovered)
+    release = updates.release()
+    updates.apply_policy(release.policy(store) if release else None)
+    updates.add_runners(updates.served_families(release), prober.read(), State.NORMAL)
+    if not scheduler.runners:
+        log.warning("no models to serve in %s: add one with `atoll models add FILE.gguf` or import a bundle",
+                    settings.state_dir)
+    return Services(settings=settings, db=db, store=store, scheduler=scheduler, hardware=hardware,
+                    updates=updates, limits=limits)

@@ -227,13 +227,21 @@ class ModelStore:
                        source_name=str(v.get("source_name", "")), added=str(v.get("added", "")),
                        task=str(entry.get("task", "generate")), info=info)
 
-    def families(self) -> dict[str, list[Variant]]:
-        """Every family and its variants, each inspected: header read, size checked, or marked broken."""
+    def families(self, release: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, list[Variant]]:
+        """Every family and its variants, each inspected: header read, size checked, or marked broken.
+
+        `release` is the installed signed release's families (sync.state.Release.families);
+        a family it names replaces the locally added one of the same name.
+        """
         cat = self._read_catalog()
-        out: dict[str, list[Variant]] = {}
-        for fam, entry in sorted(cat["families"].items()):
-            out[fam] = [self.inspect(self._variant(fam, entry, v)) for v in entry.get("variants", [])]
-        return out
+        entries: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
+            fam: (entry, entry.get("variants", [])) for fam, entry in cat["families"].items()}
+        for fam, variants in (release or {}).items():
+            task = next((str(v["task"]) for v in variants if v.get("task")), "generate")
+            entries[fam] = ({"task": task}, [{**v, "source_name": v.get("source_name", "signed release")}
+                                             for v in variants])
+        return {fam: [self.inspect(self._variant(fam, entry, v)) for v in variants]
+                for fam, (entry, variants) in sorted(entries.items())}
 
     def inspect(self, v: Variant) -> Variant:
         """Fill in v.info from the blob's header, or set v.broken with the reason."""

@@ -5,8 +5,8 @@ speaks JSON lines: requests arrive on stdin, events leave on a private duplicate
 stdout (fd 1 itself is pointed at stderr so nothing llama.cpp prints can corrupt the
 protocol). A segfault or OOM kill here takes down this process only.
 
-Requests:  {"op": "generate", "id", "prompt" | "messages", "max_tokens", "temperature",
-            "top_p", "stop", "seed"}
+Requests:  {"op": "generate", "id", "prompt" | "messages", "max_tokens", "max_tokens_cap",
+            "temperature", "top_p", "stop", "seed"}  (max_tokens_cap bounds a missing max_tokens)
            {"op": "embed", "id", "input": [str, ...]}
            {"op": "cancel", "id"}
 Events:    {"ev": "ready", "n_ctx", "chat", "embedding", "load_seconds", "pid"}
@@ -166,7 +166,7 @@ class Worker:
                                f"{self.n_ctx} tokens and leaves no room to generate")
         max_tokens = req.get("max_tokens")
         if max_tokens is None:
-            max_tokens = room
+            max_tokens = min(room, req.get("max_tokens_cap") or room)
         elif max_tokens > room:
             raise RequestError("context_length", f"this model's context window is {self.n_ctx} tokens; "
                                f"you requested {n_prompt + max_tokens} ({n_prompt} in the prompt, "

@@ -109,6 +109,11 @@ class SyncManager:
 
     # -- reading -------------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """Whether an import or rollback is running in this process."""
+        return self._lock.locked()
+
     def current_release(self) -> Release | None:
         """The release `current` points to (None before the first import)."""
         return read_current_release(self.state_dir)

@@ -123,6 +123,7 @@ async def make_app(aiohttp_client: Any, state_dir: Path) -> AsyncIterator[Callab
     """Start the real app (real workers, real model) over `state_dir` with settings overrides."""
 
     async def make(wait: bool = True, **overrides: Any) -> App:
+        overrides.setdefault("usb_watch", False)
         settings = Settings(state_dir=overrides.pop("state_dir", state_dir), threads=2, n_ctx=512,
                             **overrides)
         services = bootstrap(settings)

@@ -49,7 +49,7 @@ class Daemon:
         self.t_start = time.monotonic()
         self.proc = subprocess.Popen(
             [ATOLL, "serve", "--state-dir", str(state_dir), "--host", "127.0.0.1", "--port", str(self.port),
-             "--threads", "2", *extra],
+             "--threads", "2", *(extra or ("--no-usb-watch",))],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
