@@ -1,0 +1,103 @@
+"""Sneakernet end to end: keys and bundles made with the `atoll` admin commands, a stick that
+appears under a watched media directory, and the real daemon serving the new model.
+Also `atoll import` from the shell while the daemon runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import ATOLL, Daemon
+
+pytestmark = pytest.mark.slow
+
+POLICY = """\
+schema = 1
+[models]
+allowed_families = ["smollm2", "gemma3", "sea"]
+[limits]
+max_context = 2048
+max_tokens = 256
+queue_size = 8
+[thermal]
+constrained_c = 80.0
+critical_c = 90.0
+[memory]
+constrained_free_mb = 1024
+critical_free_mb = 512
+[logging]
+log_prompts = false
+prompt_retention_days = 0
+"""
+
+
+def atoll(*args: str) -> str:
+    r = subprocess.run([ATOLL, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"atoll {' '.join(args)}: {r.stderr}"
+    return r.stdout
+
+
+def served(d: Daemon, token: str) -> dict[str, str]:
+    req = urllib.request.Request(d.url + "/v1/models", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body: Any = json.load(r)
+    return {m["id"]: m["state"] for m in body["data"]}
+
+
+def test_stick_inserted_to_new_model_serving(state_dir: Path, tmp_path: Path, gemma_path: Path,
+                                             smollm2_path: Path) -> None:
+    keys = tmp_path / "keys"
+    atoll("keys", "generate", "root1", "--out", str(keys))
+    atoll("keys", "generate", "release1", "--out", str(keys))
+    atoll("trust", "init", "--root-key", str(keys / "root1.pub.json"), "--bundle-key",
+          str(keys / "release1.pub.json"), "--expires", "365d", "--sign", str(keys / "root1.key"),
+          "--install", "--state-dir", str(state_dir))
+    assert oct((keys / "root1.key").stat().st_mode & 0o777) == "0o600"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    b1 = tmp_path / "b1"
+    atoll("bundle", "create", "--model", f"gemma3={gemma_path}", "--policy", str(policy), "--sequence", "1",
+          "--expires", "30d", "--out", str(b1))
+    atoll("bundle", "sign", str(b1), "--key", str(keys / "release1.key"))
+    atoll("bundle", "verify", str(b1), "--state-dir", str(state_dir))
+
+    media = tmp_path / "media"
+    media.mkdir()
+    d = Daemon(state_dir, "--media-dirs", str(media), "--usb-watch")
+    try:
+        d.wait_ready()
+        token = d.token()
+        assert served(d, token) == {"smollm2": "ready"}
+        t0 = time.monotonic()
+        shutil.copytree(b1, media / "USBSTICK")  # the stick is plugged in and mounted
+        deadline = t0 + 120
+        while served(d, token).get("gemma3") != "ready":
+            assert time.monotonic() < deadline, "".join(d.lines)
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        print(f"stick inserted -> gemma-3-270m (253 MB) serving: {elapsed:.2f} s")
+        assert served(d, token) == {"gemma3": "ready", "smollm2": "ready"}
+        # the stick was only read
+        assert sorted(p.name for p in (media / "USBSTICK" / "ATOLL").iterdir()) == \
+            sorted(p.name for p in (b1 / "ATOLL").iterdir())
+
+        # `atoll import` from the shell while the daemon runs: the daemon notices and serves it
+        b2 = tmp_path / "b2"
+        atoll("bundle", "create", "--model", f"sea={smollm2_path}", "--policy", str(policy), "--sequence", "2",
+              "--expires", "30d", "--out", str(b2))
+        atoll("bundle", "sign", str(b2), "--key", str(keys / "release1.key"))
+        out = json.loads(atoll("import", str(b2), "--state-dir", str(state_dir)))
+        assert out["status"] == "installed" and out["sequence"] == 2
+        deadline = time.monotonic() + 30
+        while served(d, token) != {"sea": "ready", "smollm2": "ready"}:
+            assert time.monotonic() < deadline, served(d, token)
+            time.sleep(0.1)
+    finally:
+        d.stop()
