@@ -170,6 +170,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"atoll {st['version']} at {st['url']}: {'ready' if st['ready'] else 'NOT READY'}, "
           f"up {st['uptime_seconds']:.0f} s, daemon RSS {st['daemon_rss_bytes'] / 2**20:.0f} MiB")
+    upd = st["updates"]
+    cur = upd["current"]
+    prog = upd["progress"]
+    busy = prog.get("phase") not in (None, "idle", "done", "failed")
+    print(f"release: {'sequence ' + str(cur['sequence']) + ' (' + cur['version'] + ')' if cur else 'none installed'}"
+          + (f"; importing: {prog.get('phase')} {prog.get('files_done')}/{prog.get('files_total')} files, "
+             f"{prog.get('bytes_done')}/{prog.get('bytes_total')} bytes" if busy else ""))
     gov = st["governor"]
     print(f"governor: {gov['state']} ({gov['reason']}){'' if gov['admitting'] else ', NOT admitting new requests'}")
     for m in st["models"]:
