@@ -116,7 +116,7 @@ async def test_client_disconnect_cancels_generation_within_a_few_tokens(make_app
     produced = rows[0]["completion_tokens"]
     # the worker stopped producing: far short of the 400 asked for, within a few tokens of what we read
     assert produced - received <= 8, (produced, received)
-    assert stopped_after < 1.0
+    assert stopped_after < 5.0
     st = await status(app)
     assert st["running"] is False and st["queued"] == 0
     # and it is free for the next request at once
