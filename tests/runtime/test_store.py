@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -46,8 +47,8 @@ class CountingReader(io.BytesIO):
         super().__init__(data)
         self.bytes_read = 0
 
-    def readinto(self, b: object) -> int:  # type: ignore[override]
-        n = super().readinto(b)  # type: ignore[arg-type]
+    def readinto(self, b: Any) -> int:
+        n = super().readinto(b)
         self.bytes_read += n
         return n
 
@@ -138,10 +139,10 @@ def test_ingest_shorter_source(store: ModelStore) -> None:
 
 def test_ingest_failing_source_leaves_no_partial_copy(store: ModelStore) -> None:
     class Broken(io.BytesIO):
-        def readinto(self, b: object) -> int:  # type: ignore[override]
+        def readinto(self, b: Any) -> int:
             if self.tell() > 0:
                 raise OSError(5, "Input/output error")
-            return super().readinto(b)  # type: ignore[arg-type]
+            return super().readinto(b)
 
     before = store_files(store)
     with pytest.raises(OSError, match="Input/output"):
