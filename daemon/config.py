@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -26,8 +27,9 @@ class ConfigError(BadRequest):
     """A setting has a bad value; the message names it and its source."""
 
 
-def _opt(default: Any, help: str, *, minimum: float | None = None, choices: tuple[str, ...] = ()) -> Any:
-    return field(default=default, metadata={"help": help, "min": minimum, "choices": choices})
+def _opt(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
+         choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"help": help, "min": minimum, "max": maximum, "choices": choices})
 
 
 def _default_threads() -> int:
@@ -40,7 +42,7 @@ class Settings:
 
     state_dir: Path = _opt(Path("/var/lib/atoll"), "state directory: database, model store, trust root")
     host: str = _opt("0.0.0.0", "address to listen on (0.0.0.0: every interface of the LAN)")
-    port: int = _opt(8080, "TCP port to listen on", minimum=1)
+    port: int = _opt(8080, "TCP port to listen on", minimum=1, maximum=65535)
     n_ctx: int = _opt(2048, "context window (tokens) each model is loaded with", minimum=64)
     threads: int = _opt(_default_threads(), "CPU threads per inference worker", minimum=1)
     queue_size: int = _opt(16, "requests that may wait per model before new ones get 429", minimum=1)
@@ -127,9 +129,13 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
             out = value
     except ValueError as e:
         raise ConfigError(f"{source}: setting {f.name!r} = {value!r}: {e}") from None
-    lo = f.metadata.get("min")
+    if isinstance(out, float) and not math.isfinite(out):
+        raise ConfigError(f"{source}: setting {f.name!r} = {value!r}: must be a finite number")
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
     if lo is not None and out < lo:
         raise ConfigError(f"{source}: setting {f.name!r} = {value!r}: must be at least {lo}")
+    if hi is not None and out > hi:
+        raise ConfigError(f"{source}: setting {f.name!r} = {value!r}: must be at most {hi}")
     choices = f.metadata.get("choices")
     if choices and out not in choices:
         raise ConfigError(f"{source}: setting {f.name!r} = {value!r}: one of {', '.join(choices)}")
@@ -183,6 +189,8 @@ def load(args: argparse.Namespace | None = None, environ: dict[str, str] | None 
             data = tomllib.loads(path.read_text())
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         for key, value in data.items():

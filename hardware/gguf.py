@@ -24,6 +24,7 @@ MAX_KEPT_ARRAY = 64
 #: A header claiming more entries than this is not a real model.
 MAX_ENTRIES = 1_000_000
 MAX_STRING = 64 * 1024 * 1024
+MAX_ARRAY_NESTING = 8
 
 # ggml tensor type -> (elements per block, bytes per block)
 GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
@@ -231,23 +232,25 @@ class _Reader:
         except UnicodeDecodeError as e:
             raise GGUFError(f"header string is not UTF-8 at offset {self.f.tell() - n}") from e
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(vtype)
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise GGUFError(f"arrays nested deeper than {MAX_ARRAY_NESTING} levels")
             etype = self.u32()
             count = self.u64()
             if count > self.size:
                 raise GGUFError(f"array of {count} elements cannot fit in a {self.size}-byte file")
             if count > MAX_KEPT_ARRAY:
-                self._skip_array(etype, count)
+                self._skip_array(etype, count, depth + 1)
                 return _SkippedArray(count)
-            return [self.value(etype) for _ in range(count)]
+            return [self.value(etype, depth + 1) for _ in range(count)]
         raise GGUFError(f"unknown metadata value type {vtype}")
 
-    def _skip_array(self, etype: int, count: int) -> None:
+    def _skip_array(self, etype: int, count: int, depth: int) -> None:
         if etype in _SCALARS:
             self.skip(struct.calcsize(_SCALARS[etype]) * count)
         elif etype == _STRING:
@@ -255,7 +258,7 @@ class _Reader:
                 self.skip(self.u64())
         else:
             for _ in range(count):
-                self.value(etype)
+                self.value(etype, depth)
 
 
 class _SkippedArray(list[Any]):
@@ -306,7 +309,9 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFInfo:
             if ggml_type not in GGML_TYPE_SIZES:
                 raise GGUFError(f"tensor {name!r} has unknown type {ggml_type}")
             tensors.append(TensorInfo(name, shape, ggml_type, r.u64()))
-        align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT) or DEFAULT_ALIGNMENT)
+        align = metadata.get("general.alignment", DEFAULT_ALIGNMENT) or DEFAULT_ALIGNMENT
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
+            raise GGUFError(f"general.alignment must be a power-of-two integer, not {align!r}")
         pos = f.tell()
         data_offset = (pos + align - 1) // align * align
     info = GGUFInfo(str(p), size, version, metadata, tuple(tensors), data_offset)

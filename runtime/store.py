@@ -204,13 +204,14 @@ class ModelStore:
             task = "embed" if info.is_embedding_model else "generate"
         if task not in TASKS:
             raise StoreError(f"unknown task {task!r}: one of {', '.join(TASKS)}")
+        with self._locked():  # refuse before copying anything: an unreadable catalog, a task mismatch
+            self._check_family(self._read_catalog(), fam, task)
         with p.open("rb") as f:
             digest, size = self.ingest(f)
         with self._locked():
             cat = self._read_catalog()
+            self._check_family(cat, fam, task)
             entry = cat["families"].setdefault(fam, {"task": task, "variants": []})
-            if entry.get("task", "generate") != task:
-                raise StoreError(f"family {fam!r} serves task {entry['task']!r}, not {task!r}")
             for v in entry["variants"]:
                 if v["digest"] == digest:
                     return self._variant(fam, entry, v)
@@ -220,6 +221,12 @@ class ModelStore:
             self._write_catalog(cat)
         log.info("added %s to family %s as sha256-%s (%d bytes)", p.name, fam, digest, size)
         return self._variant(fam, entry, v, info)
+
+    @staticmethod
+    def _check_family(cat: dict[str, Any], fam: str, task: str) -> None:
+        entry = cat["families"].get(fam)
+        if entry is not None and entry.get("task", "generate") != task:
+            raise StoreError(f"family {fam!r} serves task {entry['task']!r}, not {task!r}")
 
     def _variant(self, fam: str, entry: dict[str, Any], v: dict[str, Any],
                  info: GGUFInfo | None = None) -> Variant:

@@ -231,8 +231,6 @@ def test_serve_bad_value_in_env(tmp_path: Path) -> None:
     assert_clean_failure(r, 1, "ATOLL_QUEUE_SIZE", "'queue_size'")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a config file that is not UTF-8 escapes load() as "
-                                       "UnicodeDecodeError, so `atoll serve` dies with a traceback")
 def test_serve_non_utf8_config(tmp_path: Path) -> None:
     bad = tmp_path / "latin1.toml"
     bad.write_bytes(b'host = "caf\xe9"\n')

@@ -164,8 +164,6 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
     assert str(d) in ei.value.message and "cannot read config file" in ei.value.message
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a config file that is not UTF-8 raises UnicodeDecodeError, "
-                                       "not ConfigError (load() catches only OSError and TOMLDecodeError)")
 def test_non_utf8_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "latin1.toml"
     cfg.write_bytes(b'host = "caf\xe9"\n')
@@ -173,15 +171,11 @@ def test_non_utf8_config_file(tmp_path: Path) -> None:
         config.load(_args("--config", str(cfg)), environ={})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: port has a minimum but no maximum; 65536 is accepted and "
-                                       "`atoll serve` later fails in bind() with an OverflowError")
 def test_port_above_65535() -> None:
     with pytest.raises(ConfigError, match="'port'"):
         config.load(_args("--port", "65536"), environ={})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: NaN passes the `< minimum` check, so request_timeout=nan "
-                                       "is accepted")
 def test_nan_timeout() -> None:
     with pytest.raises(ConfigError, match="'request_timeout'"):
         config.load(None, environ={"ATOLL_REQUEST_TIMEOUT": "nan"})

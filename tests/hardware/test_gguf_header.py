@@ -208,9 +208,21 @@ def test_tiny_file_made_by_the_gguf_package(tmp_path: Path) -> None:
     assert info.quantization == "unknown"  # no general.file_type
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a non-numeric general.alignment raises a bare ValueError from "
-                                       "int(), not GGUFError, so the store's `except GGUFError` misses it")
 def test_non_numeric_alignment(tmp_path: Path) -> None:
     path = _tiny_gguf(tmp_path / "t.gguf", **{"general.alignment": "wide"})
     with pytest.raises(GGUFError):
         read_gguf(path)
+
+
+def test_deeply_nested_arrays_are_refused_cleanly(tmp_path) -> None:
+    import struct as st
+
+    from hardware.gguf import GGUFError, read_gguf
+
+    body = st.pack("<Q", 3) + b"key" + st.pack("<I", 9)  # key "key", type ARRAY
+    body += (st.pack("<I", 9) + st.pack("<Q", 1)) * 5000  # array of array of ... 5000 deep
+    data = b"GGUF" + st.pack("<IQQ", 3, 0, 1) + body + b"\0" * 64
+    p = tmp_path / "nested.gguf"
+    p.write_bytes(data)
+    with pytest.raises(GGUFError, match="nested deeper"):
+        read_gguf(p)

@@ -270,8 +270,6 @@ def test_task_mismatch_for_existing_family(store: ModelStore, tiny: Path) -> Non
     assert store.catalog_path.read_bytes() == catalog
 
 
-@pytest.mark.xfail(strict=True, reason="bug: add_file ingests the blob before checking the family's task, "
-                                       "so a refused file is left behind in blobs/ with no catalog entry")
 def test_task_mismatch_leaves_no_orphan_blob(store: ModelStore, tmp_path: Path) -> None:
     store.add_file(make_gguf(tmp_path / "a.gguf", seed=1), family="tiny")
     before = store_files(store)
