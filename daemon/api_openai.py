@@ -10,7 +10,7 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,48 +163,42 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions."""
     body = await read_json(request, CHAT_REQUEST)
     gen = Generation(request, "chat", body)
-    try:
-        params = _sampling(body, gen.n_ctx(), None, gen.services.limits.max_tokens)
-        job = gen.submit({"op": "generate", "messages": _messages(body), **params})
-        if body.get("stream"):
-            return await _stream(gen, job, chat=True)
-        fin = "stop"
-        async for ev in gen.events(job):
-            if ev["ev"] == "done":
-                fin = ev["finish_reason"]
-        gen.finish()
-        return web.json_response({
-            "id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.runner.family,
-            "system_fingerprint": f"sha256-{gen.runner.variant.digest[:16]}",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(gen.text)},
-                         "logprobs": None, "finish_reason": fin}],
-            "usage": _usage_json(gen.usage)})
-    except BaseException as e:
-        gen.finish(e)
-        raise
+    return await _respond(gen, chat=True, build=lambda: {
+        "op": "generate", "messages": _messages(body),
+        **_sampling(body, gen.n_ctx(), None, gen.services.limits.max_tokens)})
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions."""
     body = await read_json(request, COMPLETION_REQUEST)
     gen = Generation(request, "completions", body)
+    return await _respond(gen, chat=False, build=lambda: {
+        "op": "generate", "prompt": body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0],
+        **_sampling(body, gen.n_ctx(), gen.services.settings.completion_max_tokens_default,
+                    gen.services.limits.max_tokens)})
+
+
+async def _respond(gen: Generation, *, chat: bool, build: Callable[[], dict[str, Any]]) -> web.StreamResponse:
+    """Run a generation and answer it whole or streamed; usage is recorded either way."""
     try:
-        prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0]
-        params = _sampling(body, gen.n_ctx(), gen.services.settings.completion_max_tokens_default,
-                           gen.services.limits.max_tokens)
-        job = gen.submit({"op": "generate", "prompt": prompt, **params})
-        if body.get("stream"):
-            return await _stream(gen, job, chat=False)
+        job = gen.submit(build())
+        if gen.body.get("stream"):
+            return await _stream(gen, job, chat=chat)
         fin = "stop"
         async for ev in gen.events(job):
             if ev["ev"] == "done":
                 fin = ev["finish_reason"]
         gen.finish()
+        text = "".join(gen.text)
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": fin}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
         return web.json_response({
-            "id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.runner.family,
-            "system_fingerprint": f"sha256-{gen.runner.variant.digest[:16]}",
-            "choices": [{"index": 0, "text": "".join(gen.text), "logprobs": None, "finish_reason": fin}],
-            "usage": _usage_json(gen.usage)})
+            "id": gen.id, "object": "chat.completion" if chat else "text_completion", "created": gen.created,
+            "model": gen.runner.family, "system_fingerprint": f"sha256-{gen.runner.variant.digest[:16]}",
+            "choices": [choice], "usage": _usage_json(gen.usage)})
     except BaseException as e:
         gen.finish(e)
         raise

@@ -64,7 +64,8 @@ def validate_family(name: str) -> str:
     return name
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so renames inside it are durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -152,7 +153,7 @@ class ModelStore:
                 raise StoreError(f"hash mismatch: expected sha256 {want}, got {digest}", code="hash_mismatch")
             final = self.blob_path(digest)
             os.replace(tmp, final)
-            _fsync_dir(self.blobs_dir)
+            fsync_dir(self.blobs_dir)
             return digest, size
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -185,7 +186,7 @@ class ModelStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.catalog_path)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def add_file(self, path: str | os.PathLike[str], family: str | None = None,
                  task: str | None = None) -> Variant:

@@ -16,18 +16,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from runtime.store import fsync_dir as fsync_dir  # re-exported: one implementation
 from sync.errors import BundleRejected
 
 log = logging.getLogger(__name__)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so renames inside it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
