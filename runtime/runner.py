@@ -194,11 +194,15 @@ class ModelRunner:
             while not self.queue:
                 self._wake.clear()
                 await self._wake.wait()
+            # Wait for the worker before taking a box-wide slot, so a model that is restarting
+            # never holds a slot another model could use.
+            await self.ready.wait()
             await self.controls.acquire()
             try:
-                await self.ready.wait()
                 if self.worker is None or self.worker.exited.is_set():
                     self.ready.clear()  # it just died: wait for the supervisor's restart
+                    continue
+                if not self.ready.is_set():  # a swap began while we waited for the slot
                     continue
                 if not self.queue:
                     continue
