@@ -62,7 +62,7 @@ class HardwareControl:
         self.governor = Governor(prober, settings.governor, interval_s=settings.governor_interval)
         self.governor.on_transition(self._on_transition)
         self.decisions: dict[str, Decision] = {}
-        self.reason = "starting"
+        self.reason = "no threshold crossed since start"
         self.swap_latencies: list[dict[str, Any]] = []
         self._drain_task: asyncio.Task[None] | None = None
 

@@ -101,3 +101,76 @@ def test_stick_inserted_to_new_model_serving(state_dir: Path, tmp_path: Path, ge
             time.sleep(0.1)
     finally:
         d.stop()
+
+
+def test_daemon_killed_mid_import_comes_back_on_the_old_release(state_dir: Path, tmp_path: Path,
+                                                                 smollm2_path: Path) -> None:
+    import contextlib
+    import os
+    import signal
+    import threading
+
+    import psutil
+
+    keys = tmp_path / "keys"
+    atoll("keys", "generate", "root1", "--out", str(keys))
+    atoll("keys", "generate", "release1", "--out", str(keys))
+    atoll("trust", "init", "--root-key", str(keys / "root1.pub.json"), "--bundle-key",
+          str(keys / "release1.pub.json"), "--expires", "365d", "--sign", str(keys / "root1.key"),
+          "--install", "--state-dir", str(state_dir))
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    b1 = tmp_path / "b1"
+    atoll("bundle", "create", "--model", f"sea={smollm2_path}", "--policy", str(policy), "--sequence", "1",
+          "--expires", "30d", "--out", str(b1))
+    atoll("bundle", "sign", str(b1), "--key", str(keys / "release1.key"))
+
+    d = Daemon(state_dir)
+    d.wait_ready()
+    token = d.token()
+    children = psutil.Process(d.proc.pid).children(recursive=True)
+    req = urllib.request.Request(d.url + "/admin/bundles", data=json.dumps({"path": str(b1)}).encode(),
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    def post() -> None:
+        with contextlib.suppress(OSError):  # the daemon dies under it
+            urllib.request.urlopen(req, timeout=60)
+
+    threading.Thread(target=post, daemon=True).start()
+    # SIGKILL the daemon while the new release is being health-checked (built, not yet switched to)
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline
+        st = json.load(urllib.request.urlopen(urllib.request.Request(
+            d.url + "/admin/bundles", headers={"Authorization": f"Bearer {token}"}), timeout=5))
+        if st["progress"]["phase"] == "health_check":
+            break
+        time.sleep(0.01)
+    os.kill(d.proc.pid, signal.SIGKILL)
+    d.proc.wait()
+    d.stop()
+    # its workers notice their pipe closing and exit too
+    deadline = time.monotonic() + 10
+    while any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children):
+        assert time.monotonic() < deadline, "orphaned workers"
+        time.sleep(0.1)
+    # restarted: start-up recovery undoes the half-done import; the old models serve
+    d2 = Daemon(state_dir)
+    try:
+        d2.wait_ready()
+        assert served(d2, token) == {"smollm2": "ready"}
+        st = json.load(urllib.request.urlopen(urllib.request.Request(
+            d2.url + "/admin/bundles", headers={"Authorization": f"Bearer {token}"}), timeout=5))
+        assert st["current"] is None and st["state"]["pending"] is None
+        assert not (state_dir / "releases" / "1").exists()
+        # and the same stick imports cleanly now
+        again = urllib.request.Request(d2.url + "/admin/bundles", data=json.dumps({"path": str(b1)}).encode(),
+                                       headers={"Authorization": f"Bearer {token}",
+                                                "Content-Type": "application/json"})
+        r = urllib.request.urlopen(again, timeout=60)
+        assert json.load(r)["status"] == "installed"
+        deadline = time.monotonic() + 30
+        while served(d2, token) != {"sea": "ready", "smollm2": "ready"}:
+            assert time.monotonic() < deadline, served(d2, token)
+            time.sleep(0.05)
+    finally:
+        d2.stop()
