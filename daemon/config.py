@@ -59,6 +59,7 @@ class Settings:
                               "'overheat') instead of reading this machine's sensors: for tests and demos")
     governor_interval: float = _opt(5.0, "seconds between two hardware probes of the governor", minimum=0.05)
     ram_headroom_mb: int = _opt(1024, "RAM (MiB) kept free when choosing which model variant fits", minimum=0)
+    vram_headroom_mb: int = _opt(512, "GPU memory (MiB) kept free on each GPU when offloading layers", minimum=0)
     constrained_budget_fraction: float = _opt(
         0.7, "share of available memory model variants may use while the box is constrained", minimum=0.05)
     constrained_max_concurrent: int = _opt(

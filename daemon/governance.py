@@ -42,12 +42,15 @@ def make_source(settings: Settings) -> SnapshotSource:
 def placement_policy(settings: Settings) -> PlacementPolicy:
     """Variant-choice knobs from the settings."""
     return PlacementPolicy(max_n_ctx=settings.n_ctx, ram_headroom_bytes=settings.ram_headroom_mb << 20,
+                           vram_headroom_bytes=settings.vram_headroom_mb << 20,
                            constrained_budget_fraction=settings.constrained_budget_fraction)
 
 
-def footprint(variant: Variant, n_ctx: int) -> int:
-    """Estimated bytes a variant takes loaded at n_ctx (0 if its header is unknown)."""
-    return estimate_memory(variant.info, n_ctx).total_bytes if variant.info else 0
+def footprint(variant: Variant, n_ctx: int, n_gpu_layers: int = 0) -> int:
+    """Estimated RAM a variant takes loaded at n_ctx with n_gpu_layers offloaded (0 if its header is unknown)."""
+    if variant.info is None:
+        return 0
+    return estimate_memory(variant.info, n_ctx, n_gpu_layers=n_gpu_layers).device("cpu").total_bytes
 
 
 class HardwareControl:
@@ -101,16 +104,19 @@ class HardwareControl:
     async def apply(self, snap: Snapshot | None, state: State, t_change: float | None = None) -> None:
         """Choose each family's variant for this state and start the swaps that are needed."""
         runners = self.scheduler.runners
-        loaded = sum(footprint(r.variant, r.spec.n_ctx) for r in runners.values() if r.state == "ready")
+        loaded = sum(footprint(r.variant, r.spec.n_ctx, r.spec.n_gpu_layers) for r in runners.values()
+                     if r.state == "ready")
         self.decisions = decide({n: r.variants for n, r in runners.items()}, snap, state, self.policy, loaded)
         for fam, d in self.decisions.items():
             r = runners[fam]
-            if d.variant is None or (d.variant.digest == r.variant.digest and d.n_ctx == r.spec.n_ctx):
+            if d.variant is None or (d.variant.digest, d.n_ctx, d.n_gpu_layers) == (
+                    r.variant.digest, r.spec.n_ctx, r.spec.n_gpu_layers):
                 continue
             if not self._still_good(d.variant):
                 continue
             overlap = self._both_fit(snap, r, d)
-            fut = r.request_swap(d.variant, str(self.store.blob_path(d.variant.digest)), d.n_ctx, overlap=overlap)
+            fut = r.request_swap(d.variant, str(self.store.blob_path(d.variant.digest)), d.n_ctx, overlap=overlap,
+                                 n_gpu_layers=d.n_gpu_layers)
             log.info("model %s: switching %s -> %s (n_ctx %d, %s): %s", fam, r.variant.quantization,
                      d.variant.quantization, d.n_ctx, "load first" if overlap else "stop first", d.why)
             if t_change is not None:
@@ -136,7 +142,7 @@ class HardwareControl:
     def _both_fit(self, snap: Snapshot | None, r: ModelRunner, d: Decision) -> bool:
         if snap is None or snap.ram_available_bytes is None or d.variant is None:
             return False
-        need = footprint(d.variant, d.n_ctx)
+        need = footprint(d.variant, d.n_ctx, d.n_gpu_layers)
         return need + self.policy.ram_headroom_bytes <= snap.ram_available_bytes
 
     def status(self) -> dict[str, Any]:

@@ -257,7 +257,7 @@ class Updates:
                 if healthy:
                     log.warning("model %s: %s; trying its smallest variant %s", name, d.why, v.quantization)
             r = ModelRunner(name, v, str(self.store.blob_path(v.digest)), self.scheduler.config,
-                            self.scheduler.controls, n_ctx=n_ctx, variants=variants)
+                            self.scheduler.controls, n_ctx=n_ctx, variants=variants, n_gpu_layers=d.n_gpu_layers)
             self.scheduler.add(r)
             new.append(r)
         return new

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hardware.estimate import model_shape
-from hardware.fit import Budget, ContextPolicy, DeviceBudget, Plan, choose_variant
+from hardware.fit import Budget, ContextPolicy, Plan, budget_from_snapshot, choose_variant
 from hardware.governor import State
 from hardware.probe import Snapshot
 from runtime.store import Variant
@@ -34,6 +34,7 @@ class PlacementPolicy:
 
     max_n_ctx: int = 2048
     ram_headroom_bytes: int = 1 << 30
+    vram_headroom_bytes: int = 512 << 20
     constrained_budget_fraction: float = 0.7
 
 
@@ -46,12 +47,13 @@ class Decision:
     n_ctx: int
     why: str
     plan: Plan | None = None
+    n_gpu_layers: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form for /admin/hardware and `atoll models plan --json`."""
         return {"family": self.family, "variant": self.variant.digest if self.variant else None,
                 "quantization": self.variant.quantization if self.variant else None, "n_ctx": self.n_ctx,
-                "why": self.why, "plan": self.plan.to_json() if self.plan else None}
+                "n_gpu_layers": self.n_gpu_layers, "why": self.why, "plan": self.plan.to_json() if self.plan else None}
 
 
 def _healthy(variants: list[Variant]) -> list[Variant]:
@@ -89,7 +91,10 @@ def decide(families: dict[str, list[Variant]], snapshot: Snapshot | None, state:
         return out
     assert snapshot is not None
     fraction = policy.constrained_budget_fraction if state >= State.CONSTRAINED else 1.0
-    budget = Budget((DeviceBudget("cpu", int((ram + reclaimable_bytes) * fraction), policy.ram_headroom_bytes),))
+    budget = budget_from_snapshot(snapshot, ram_headroom_bytes=policy.ram_headroom_bytes,
+                                  vram_headroom_bytes=policy.vram_headroom_bytes,
+                                  reclaimable_bytes=reclaimable_bytes, fraction=fraction)
+    assert budget is not None  # RAM is known here
     used: dict[str, int] = {}
     for fam, variants in sorted(families.items()):
         ok = _healthy(variants)
@@ -126,5 +131,6 @@ def decide(families: dict[str, list[Variant]], snapshot: Snapshot | None, state:
         if chosen.estimate is not None:
             for d in chosen.estimate.devices:
                 used[d.device] = used.get(d.device, 0) + d.total_bytes
-        out[fam] = Decision(fam, by_digest[chosen.id], chosen.n_ctx or policy.max_n_ctx, why, plan)
+        out[fam] = Decision(fam, by_digest[chosen.id], chosen.n_ctx or policy.max_n_ctx, why, plan,
+                            chosen.n_gpu_layers or 0)
     return out

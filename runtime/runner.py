@@ -88,13 +88,13 @@ class ModelRunner:
     """A served model: its variants, its supervised worker, its queue."""
 
     def __init__(self, family: str, variant: Variant, path: str, config: SchedulerConfig, controls: Controls,
-                 n_ctx: int | None = None, variants: list[Variant] | None = None) -> None:
+                 n_ctx: int | None = None, variants: list[Variant] | None = None, n_gpu_layers: int = 0) -> None:
         self.family = family
         self.variant = variant
         self.variants = variants if variants is not None else [variant]
         self.config = config
         self.controls = controls
-        self.spec = self._spec_for(variant, path, n_ctx or config.n_ctx)
+        self.spec = self._spec_for(variant, path, n_ctx or config.n_ctx, n_gpu_layers)
         self.state = "broken" if variant.broken else "stopped"
         self.reason: str | None = variant.broken
         self.worker: WorkerProcess | None = None
@@ -107,13 +107,13 @@ class ModelRunner:
         self._idle = asyncio.Event()
         self._idle.set()
         self._swap_req = asyncio.Event()
-        self._target: tuple[Variant, str, int, bool, asyncio.Future[bool]] | None = None
+        self._target: tuple[Variant, str, int, int, bool, asyncio.Future[bool]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
 
-    def _spec_for(self, variant: Variant, path: str, n_ctx: int) -> WorkerSpec:
-        return WorkerSpec(model_path=path, n_ctx=n_ctx, threads=self.config.threads,
+    def _spec_for(self, variant: Variant, path: str, n_ctx: int, n_gpu_layers: int) -> WorkerSpec:
+        return WorkerSpec(model_path=path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=self.config.threads,
                           embedding=variant.task == "embed",
                           pooling="model" if variant.info and variant.info.is_embedding_model else "mean",
                           load_timeout=self.config.load_timeout)
@@ -244,12 +244,13 @@ class ModelRunner:
 
     # -- variant swaps -------------------------------------------------------------------
 
-    def request_swap(self, variant: Variant, path: str, n_ctx: int, *, overlap: bool) -> asyncio.Future[bool]:
+    def request_swap(self, variant: Variant, path: str, n_ctx: int, *, overlap: bool,
+                     n_gpu_layers: int = 0) -> asyncio.Future[bool]:
         """Ask the supervisor to switch to `variant`; the future says whether it succeeded."""
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self._target is not None and not self._target[4].done():
-            self._target[4].set_result(False)  # superseded by this newer decision
-        self._target = (variant, path, n_ctx, overlap, fut)
+        if self._target is not None and not self._target[-1].done():
+            self._target[-1].set_result(False)  # superseded by this newer decision
+        self._target = (variant, path, n_ctx, n_gpu_layers, overlap, fut)
         self._swap_req.set()
         return fut
 
@@ -271,12 +272,12 @@ class ModelRunner:
 
     async def _do_swap(self) -> None:
         assert self._target is not None
-        variant, path, n_ctx, overlap, fut = self._target
+        variant, path, n_ctx, n_gpu_layers, overlap, fut = self._target
         rec = SwapRecord(at=time.time(), from_digest=self.variant.digest, to_digest=variant.digest, n_ctx=n_ctx,
                          overlap=overlap)
         self.swaps.append(rec)
         t0 = time.monotonic()
-        new_spec = self._spec_for(variant, path, n_ctx)
+        new_spec = self._spec_for(variant, path, n_ctx, n_gpu_layers)
         old = self.worker
         drain_reason = f"model {self.family} is switching to another variant"
         try:
@@ -403,7 +404,7 @@ class ModelRunner:
             "model": self.family, "state": self.state, "reason": self.reason,
             "variant": self.variant.digest, "quantization": self.variant.quantization,
             "task": self.variant.task, "worker_pid": self.worker.pid if self.worker and self.state == "ready"
-            else None, "n_ctx": info.get("n_ctx"), "chat": info.get("chat"),
+            else None, "n_ctx": info.get("n_ctx"), "n_gpu_layers": self.spec.n_gpu_layers, "chat": info.get("chat"),
             "queued": len(self.queue), "running": self.running is not None, "restarts": self.restarts,
             "variants": [{"digest": v.digest, "quantization": v.quantization, "broken": v.broken}
                          for v in self.variants],

@@ -94,6 +94,7 @@ class Worker:
                 kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
         self.llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
                                    n_threads_batch=args.threads, n_batch=args.n_batch,
+                                   n_gpu_layers=args.n_gpu_layers,
                                    seed=random.randrange(2**31), verbose=False, **kwargs)
         self.load_seconds = time.perf_counter() - t0
         self.embedding = bool(args.embedding)
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload (ignored by CPU-only builds)")
     ap.add_argument("--embedding", action="store_true")
     ap.add_argument("--pooling", choices=["model", "mean"], default="model")
     args = ap.parse_args(argv)

@@ -31,6 +31,7 @@ class WorkerSpec:
     n_ctx: int = 2048
     threads: int = 2
     n_batch: int = 512
+    n_gpu_layers: int = 0
     embedding: bool = False
     pooling: str = "model"
     load_timeout: float = 120.0
@@ -38,7 +39,8 @@ class WorkerSpec:
     def argv(self) -> list[str]:
         """Command line of the worker process."""
         cmd = [sys.executable, "-m", "runtime.worker", "--model", self.model_path,
-               "--n-ctx", str(self.n_ctx), "--threads", str(self.threads), "--n-batch", str(self.n_batch)]
+               "--n-ctx", str(self.n_ctx), "--threads", str(self.threads), "--n-batch", str(self.n_batch),
+               "--n-gpu-layers", str(self.n_gpu_layers)]
         if self.embedding:
             cmd += ["--embedding", "--pooling", self.pooling]
         return cmd
