@@ -141,6 +141,8 @@ class Generation:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(10):
                     await job.finished.wait()
+        if job is not None and job.digest:
+            row["digest"] = job.digest
         if job is not None and job.final and job.final.get("ev") == "done":
             row["completion_tokens"] = job.final["completion_tokens"]
             row["prompt_tokens"] = job.final["prompt_tokens"]
@@ -197,7 +199,8 @@ async def _respond(gen: Generation, *, chat: bool, build: Callable[[], dict[str,
             choice["text"] = text
         return web.json_response({
             "id": gen.id, "object": "chat.completion" if chat else "text_completion", "created": gen.created,
-            "model": gen.runner.family, "system_fingerprint": f"sha256-{gen.runner.variant.digest[:16]}",
+            "model": gen.runner.family,
+            "system_fingerprint": f"sha256-{(job.digest or gen.runner.variant.digest)[:16]}",
             "choices": [choice], "usage": _usage_json(gen.usage)})
     except BaseException as e:
         gen.finish(e)

@@ -61,6 +61,8 @@ class Job:
     cancelled: bool = False
     #: Why the daemon (not the client) cancelled it, e.g. the governor went critical.
     cancel_reason: str | None = None
+    #: The variant that ran it (set when a worker takes it; a swap may happen while it waits).
+    digest: str | None = None
 
 
 @dataclass
@@ -223,6 +225,7 @@ class ModelRunner:
         worker = self.worker
         assert worker is not None
         self.running = job
+        job.digest = self.variant.digest
         self._idle.clear()
         t0 = time.monotonic()
         try:
