@@ -26,27 +26,12 @@ from sync.apply import SyncManager
 from sync.builder import sign_bundle
 from sync.fsutil import format_time, pretty_json
 from sync.keys import generate_key, load_signing_key
+from sync.policy import EXAMPLE_POLICY
 from sync.roots import new_root_document, sign_root_document
 from sync.verify import SyncConfig
 
 CHUNK = 1 << 20
-POLICY = b"""schema = 1
-[models]
-allowed_families = ["bench"]
-[limits]
-max_context = 4096
-max_tokens = 512
-queue_size = 8
-[thermal]
-constrained_c = 80.0
-critical_c = 90.0
-[memory]
-constrained_free_mb = 1024
-critical_free_mb = 512
-[logging]
-log_prompts = false
-prompt_retention_days = 0
-"""
+POLICY = EXAMPLE_POLICY.read_bytes().replace(b'allowed_families = ["smollm2"]', b'allowed_families = ["bench"]')
 
 
 def _s(x: str) -> bytes:

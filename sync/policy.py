@@ -42,6 +42,8 @@ from sync.errors import BundleRejected
 log = logging.getLogger(__name__)
 
 MAX_POLICY_BYTES = 64 * 1024
+#: A complete, commented policy to start from (shipped with the package).
+EXAMPLE_POLICY = Path(__file__).with_name("policy.example.toml")
 
 
 @dataclass(frozen=True)

@@ -14,34 +14,38 @@ from typing import Any
 
 import pytest
 
+from sync.policy import EXAMPLE_POLICY
 from tests.e2e.conftest import ATOLL, Daemon
 
 pytestmark = pytest.mark.slow
 
-POLICY = """\
-schema = 1
-[models]
-allowed_families = ["smollm2", "gemma3", "sea"]
-[limits]
-max_context = 2048
-max_tokens = 256
-queue_size = 8
-[thermal]
-constrained_c = 80.0
-critical_c = 90.0
-[memory]
-constrained_free_mb = 1024
-critical_free_mb = 512
-[logging]
-log_prompts = false
-prompt_retention_days = 0
-"""
+POLICY = EXAMPLE_POLICY.read_text().replace('allowed_families = ["smollm2"]',
+                                            'allowed_families = ["smollm2", "gemma3", "sea"]')
 
 
 def atoll(*args: str) -> str:
     r = subprocess.run([ATOLL, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"atoll {' '.join(args)}: {r.stderr}"
     return r.stdout
+
+
+def provision(state_dir: Path, tmp_path: Path) -> Path:
+    """Make a root key and a release key with the admin commands and install root v1 on the box."""
+    keys = tmp_path / "keys"
+    atoll("keys", "generate", "root1", "--out", str(keys))
+    atoll("keys", "generate", "release1", "--out", str(keys))
+    atoll("trust", "init", "--root-key", str(keys / "root1.pub.json"), "--bundle-key",
+          str(keys / "release1.pub.json"), "--expires", "365d", "--sign", str(keys / "root1.key"),
+          "--install", "--state-dir", str(state_dir))
+    return keys
+
+
+def make_bundle(out: Path, keys: Path, policy: Path, sequence: int, model: str) -> Path:
+    """`atoll bundle create` + `atoll bundle sign` with the release key."""
+    atoll("bundle", "create", "--model", model, "--policy", str(policy), "--sequence", str(sequence),
+          "--expires", "30d", "--out", str(out))
+    atoll("bundle", "sign", str(out), "--key", str(keys / "release1.key"))
+    return out
 
 
 def served(d: Daemon, token: str) -> dict[str, str]:
@@ -53,19 +57,11 @@ def served(d: Daemon, token: str) -> dict[str, str]:
 
 def test_stick_inserted_to_new_model_serving(state_dir: Path, tmp_path: Path, gemma_path: Path,
                                              smollm2_path: Path) -> None:
-    keys = tmp_path / "keys"
-    atoll("keys", "generate", "root1", "--out", str(keys))
-    atoll("keys", "generate", "release1", "--out", str(keys))
-    atoll("trust", "init", "--root-key", str(keys / "root1.pub.json"), "--bundle-key",
-          str(keys / "release1.pub.json"), "--expires", "365d", "--sign", str(keys / "root1.key"),
-          "--install", "--state-dir", str(state_dir))
+    keys = provision(state_dir, tmp_path)
     assert oct((keys / "root1.key").stat().st_mode & 0o777) == "0o600"
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
-    b1 = tmp_path / "b1"
-    atoll("bundle", "create", "--model", f"gemma3={gemma_path}", "--policy", str(policy), "--sequence", "1",
-          "--expires", "30d", "--out", str(b1))
-    atoll("bundle", "sign", str(b1), "--key", str(keys / "release1.key"))
+    b1 = make_bundle(tmp_path / "b1", keys, policy, 1, f"gemma3={gemma_path}")
     atoll("bundle", "verify", str(b1), "--state-dir", str(state_dir))
 
     media = tmp_path / "media"
@@ -89,10 +85,7 @@ def test_stick_inserted_to_new_model_serving(state_dir: Path, tmp_path: Path, ge
             sorted(p.name for p in (b1 / "ATOLL").iterdir())
 
         # `atoll import` from the shell while the daemon runs: the daemon notices and serves it
-        b2 = tmp_path / "b2"
-        atoll("bundle", "create", "--model", f"sea={smollm2_path}", "--policy", str(policy), "--sequence", "2",
-              "--expires", "30d", "--out", str(b2))
-        atoll("bundle", "sign", str(b2), "--key", str(keys / "release1.key"))
+        b2 = make_bundle(tmp_path / "b2", keys, policy, 2, f"sea={smollm2_path}")
         out = json.loads(atoll("import", str(b2), "--state-dir", str(state_dir)))
         assert out["status"] == "installed" and out["sequence"] == 2
         deadline = time.monotonic() + 30
@@ -112,18 +105,10 @@ def test_daemon_killed_mid_import_comes_back_on_the_old_release(state_dir: Path,
 
     import psutil
 
-    keys = tmp_path / "keys"
-    atoll("keys", "generate", "root1", "--out", str(keys))
-    atoll("keys", "generate", "release1", "--out", str(keys))
-    atoll("trust", "init", "--root-key", str(keys / "root1.pub.json"), "--bundle-key",
-          str(keys / "release1.pub.json"), "--expires", "365d", "--sign", str(keys / "root1.key"),
-          "--install", "--state-dir", str(state_dir))
+    keys = provision(state_dir, tmp_path)
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
-    b1 = tmp_path / "b1"
-    atoll("bundle", "create", "--model", f"sea={smollm2_path}", "--policy", str(policy), "--sequence", "1",
-          "--expires", "30d", "--out", str(b1))
-    atoll("bundle", "sign", str(b1), "--key", str(keys / "release1.key"))
+    b1 = make_bundle(tmp_path / "b1", keys, policy, 1, f"sea={smollm2_path}")
 
     d = Daemon(state_dir)
     d.wait_ready()

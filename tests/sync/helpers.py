@@ -13,33 +13,13 @@ from pathlib import Path
 from sync.builder import create_bundle, sign_bundle
 from sync.fsutil import canonical_json
 from sync.keys import SigningKey, generate_key, load_signing_key
+from sync.policy import EXAMPLE_POLICY
 from sync.roots import new_root_document, sign_root_document
 
 DAY = 86400.0
 
-POLICY = """\
-schema = 1
-
-[models]
-allowed_families = ["tiny", "tiny2"]
-
-[limits]
-max_context = 4096
-max_tokens = 512
-queue_size = 8
-
-[thermal]
-constrained_c = 80.0
-critical_c = 90.0
-
-[memory]
-constrained_free_mb = 1024
-critical_free_mb = 512
-
-[logging]
-log_prompts = false
-prompt_retention_days = 0
-"""
+#: The shipped example policy, allowing the families these tests use.
+POLICY = EXAMPLE_POLICY.read_text().replace('allowed_families = ["smollm2"]', 'allowed_families = ["tiny", "tiny2"]')
 
 
 def _gguf_str(s: str) -> bytes:
