@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Coroutine
@@ -15,6 +14,7 @@ from aiohttp import web
 from daemon.config import Settings
 from daemon.db import StateDB
 from daemon.governance import HardwareControl, make_source
+from daemon.tasks import Background
 from daemon.updates import Limits, Updates
 from hardware.governor import State
 from hardware.probe import Prober
@@ -35,14 +35,12 @@ class Services:
     hardware: HardwareControl
     updates: Updates
     limits: Limits
+    background: Background
     started: float = field(default_factory=time.monotonic)
-    background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a small background job (e.g. a usage write), kept until done so shutdown can await it."""
-        task = asyncio.create_task(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self.background.spawn(coro)
 
     async def start(self) -> None:
         """Start the parts in order: state DB, the models, the governor."""
@@ -56,8 +54,7 @@ class Services:
         await self.updates.stop()
         await self.hardware.stop()
         await self.scheduler.stop()
-        if self.background:
-            await asyncio.gather(*self.background, return_exceptions=True)
+        await self.background.drain()
         await self.db.stop()
 
 
@@ -86,7 +83,8 @@ def bootstrap(settings: Settings) -> Services:
     prober = Prober(make_source(settings))
     hardware = HardwareControl(settings, store, scheduler, prober)
     limits = Limits(log_prompts=settings.log_prompts)
-    updates = Updates(settings, store, scheduler, hardware, db, limits, package_version())
+    background = Background()
+    updates = Updates(settings, store, scheduler, hardware, db, limits, package_version(), background)
     recovered = updates.manager.recover()
     if recovered:
         log.warning("update recovery: %s", recovered)
@@ -97,4 +95,4 @@ def bootstrap(settings: Settings) -> Services:
         log.warning("no models to serve in %s: add one with `atoll models add FILE.gguf` or import a bundle",
                     settings.state_dir)
     return Services(settings=settings, db=db, store=store, scheduler=scheduler, hardware=hardware,
-                    updates=updates, limits=limits)
+                    updates=updates, limits=limits, background=background)

@@ -25,6 +25,7 @@ import psutil
 from daemon.config import Settings
 from daemon.db import StateDB
 from daemon.governance import HardwareControl
+from daemon.tasks import Background
 from hardware.governor import GovernorThresholds, State
 from hardware.probe import Snapshot
 from runtime.errors import Unavailable
@@ -92,7 +93,7 @@ class Updates:
     """Imports, rollback, the USB watcher, and applying the current release to the service."""
 
     def __init__(self, settings: Settings, store: ModelStore, scheduler: Scheduler, hardware: HardwareControl,
-                 db: StateDB, limits: Limits, version: str) -> None:
+                 db: StateDB, limits: Limits, version: str, background: Background) -> None:
         self.settings = settings
         self.store = store
         self.scheduler = scheduler
@@ -107,7 +108,7 @@ class Updates:
         self.last_error: dict[str, Any] | None = None
         self._seen_current = current_target(settings.state_dir)
         self._poll: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = background
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -137,13 +138,11 @@ class Updates:
 
     def _audit(self, event: str, detail: dict[str, Any]) -> None:
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+            asyncio.get_running_loop()
+        except RuntimeError:  # start-up recovery, before the loop runs
             self.db.audit("sync", event, _outcome(event), **detail)
             return
-        task = loop.create_task(self.db.run(self.db.audit, "sync", event, _outcome(event), **detail))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(self.db.run(self.db.audit, "sync", event, _outcome(event), **detail))
 
     # -- imports ---------------------------------------------------------------------------
 
