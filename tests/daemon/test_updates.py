@@ -182,3 +182,41 @@ async def test_usb_stick_with_a_bundle_is_imported_and_served(make_app, provisio
     shutil.copytree(b, media / "STICK")  # the stick is mounted
     await wait_models(app, {"sea": "ready", "smollm2": "ready"}, timeout=60)
     assert any(a == "sync.import.installed" for _, a, _ in audit_actions(provisioned))
+
+
+async def test_every_policy_field_is_put_in_force(make_app, provisioned, tmp_path, keyring, smollm2_path) -> None:
+    from daemon.services import SERVICES
+
+    policy = (SEA_POLICY.replace("max_context = 4096", "max_context = 256")
+              .replace("queue_size = 8", "queue_size = 3")
+              .replace("constrained_c = 80.0", "constrained_c = 60.0").replace("critical_c = 90.0", "critical_c = 70.0")
+              .replace("log_prompts = false", "log_prompts = true")
+              .replace("prompt_retention_days = 0", "prompt_retention_days = 2"))
+    app = await make_app()
+    services = app.app[SERVICES]
+    assert (await post_path(app, bundle(tmp_path, keyring, "b1", 1, {"sea": [smollm2_path]}, policy=policy))).status \
+        == 200
+    async with asyncio.timeout(30):
+        while True:
+            body = await (await app.client.get("/v1/models", headers=app.headers())).json()
+            ctx = {m["id"]: (m["state"], m["n_ctx"]) for m in body["data"]}
+            if ctx == {"sea": ("ready", 256), "smollm2": ("ready", 256)}:  # max_context caps both, live
+                break
+            await asyncio.sleep(0.1)
+    th = services.hardware.governor.machine.thresholds
+    assert (th.cpu_constrained_c, th.cpu_critical_c, th.gpu_constrained_c, th.gpu_critical_c) == (60, 70, 60, 70)
+    assert 0 < th.ram_critical_available_pct < th.ram_constrained_available_pct
+    assert services.scheduler.config.queue_size == 3
+    assert services.limits.prompt_retention_days == 2
+    # prompt text is now logged...
+    assert (await chat(app, "sea", max_tokens=3)).status == 200
+    async with asyncio.timeout(10):
+        while not (rows := (await (await app.client.get("/admin/usage", headers=app.headers(admin=True))).json())
+                   ["data"]) or rows[0]["endpoint"] != "chat":
+            await asyncio.sleep(0.05)
+    assert rows[0]["prompt_text"] and '"hi"' in rows[0]["prompt_text"] and rows[0]["completion_text"] is not None
+    # ...and blanked once older than the retention
+    future = "9999-01-01T00:00:00+00:00"
+    assert await services.db.run(services.db.purge_prompt_text, future) >= 1
+    row = (await (await app.client.get("/admin/usage", headers=app.headers(admin=True))).json())["data"][0]
+    assert row["prompt_text"] is None and row["completion_text"] is None and row["completion_tokens"] > 0
