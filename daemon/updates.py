@@ -188,15 +188,21 @@ class Updates:
         last_purge = 0.0
         while True:
             await asyncio.sleep(2.0)
-            seen = current_target(self.settings.state_dir)
-            if seen != self._seen_current and not self.manager.busy:
-                log.info("release changed outside the daemon (now %s): reloading", seen)
-                await self.reload()
-            loop_time = asyncio.get_running_loop().time()
-            if self.limits.prompt_retention_days and loop_time - last_purge > 3600:
-                last_purge = loop_time
-                cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=self.limits.prompt_retention_days)
-                await self.db.run(self.db.purge_prompt_text, cutoff.isoformat())
+            try:
+                seen = current_target(self.settings.state_dir)
+                if seen != self._seen_current and not self.manager.busy:
+                    log.info("release changed outside the daemon (now %s): reloading", seen)
+                    await self.reload()
+                loop_time = asyncio.get_running_loop().time()
+                if self.limits.prompt_retention_days and loop_time - last_purge > 3600:
+                    last_purge = loop_time
+                    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=self.limits.prompt_retention_days)
+                    n = await self.db.run(self.db.purge_prompt_text, cutoff.isoformat())
+                    log.info("blanked the prompt text of %d usage records older than %d days", n,
+                             self.limits.prompt_retention_days)
+            except Exception:
+                self._seen_current = current_target(self.settings.state_dir)  # report a failure once
+                log.exception("applying the current release failed; still serving what was loaded")
 
     # -- applying a release ------------------------------------------------------------------
 
