@@ -29,6 +29,14 @@ def atoll(*args: str) -> str:
     return r.stdout
 
 
+def wait_served(d: Daemon, token: str, want: dict[str, str], timeout: float = 30) -> None:
+    """Poll /v1/models until it lists exactly `want`."""
+    deadline = time.monotonic() + timeout
+    while (now := served(d, token)) != want:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+
+
 def provision(state_dir: Path, tmp_path: Path) -> Path:
     """Make a root key and a release key with the admin commands and install root v1 on the box."""
     keys = tmp_path / "keys"
@@ -88,10 +96,7 @@ def test_stick_inserted_to_new_model_serving(state_dir: Path, tmp_path: Path, ge
         b2 = make_bundle(tmp_path / "b2", keys, policy, 2, f"sea={smollm2_path}")
         out = json.loads(atoll("import", str(b2), "--state-dir", str(state_dir)))
         assert out["status"] == "installed" and out["sequence"] == 2
-        deadline = time.monotonic() + 30
-        while served(d, token) != {"sea": "ready", "smollm2": "ready"}:
-            assert time.monotonic() < deadline, served(d, token)
-            time.sleep(0.1)
+        wait_served(d, token, {"sea": "ready", "smollm2": "ready"})
     finally:
         d.stop()
 
@@ -153,9 +158,6 @@ def test_daemon_killed_mid_import_comes_back_on_the_old_release(state_dir: Path,
                                                 "Content-Type": "application/json"})
         r = urllib.request.urlopen(again, timeout=60)
         assert json.load(r)["status"] == "installed"
-        deadline = time.monotonic() + 30
-        while served(d2, token) != {"sea": "ready", "smollm2": "ready"}:
-            assert time.monotonic() < deadline, served(d2, token)
-            time.sleep(0.05)
+        wait_served(d2, token, {"sea": "ready", "smollm2": "ready"})
     finally:
         d2.stop()
