@@ -18,7 +18,7 @@ from typing import Any
 from daemon.db import StateDB, now_iso
 from runtime.errors import BadRequest, Unauthorized
 
-ROLES = ("user", "admin")
+ROLES = ("user", "admin", "auditor")
 TOKEN_RE = re.compile(r"^atoll_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
@@ -29,6 +29,7 @@ class Principal:
 
     name: str
     role: str
+    kind: str = "token"  # "token" or "session"
 
     @property
     def is_admin(self) -> bool:

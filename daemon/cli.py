@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon import config
+from daemon import cli_security, config
 from daemon.auth import create_token, list_tokens, revoke_token
 from daemon.db import StateDB
 from runtime.errors import AtollError
@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = sub.add_parser("token", help="API tokens").add_subparsers(dest="sub", required=True,
                                                                         metavar="ACTION")
     p = tokens.add_parser("create", help="create a token and print it (only this once) on stdout")
-    p.add_argument("--role", choices=["user", "admin"], required=True,
-                   help="user: inference only; admin: everything")
+    p.add_argument("--role", choices=["user", "admin", "auditor"], required=True,
+                   help="user: inference only; admin: everything; auditor: read-only audit log, usage, status")
     p.add_argument("--name", required=True, help="a unique name, e.g. the system that will use it")
     _state_args(p)
     p.set_defaults(func=cmd_token_create)
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token_revoke)
 
     sync_cli.register(sub, audit_factory=_cli_audit, health_checks=_cli_health_checks())
+    cli_security.register(sub, _settings, _state_args)
 
     p = sub.add_parser("status", help="ask the running daemon what it serves")
     p.add_argument("--url", help="daemon URL (default from settings: http://127.0.0.1:8080)")
