@@ -115,6 +115,7 @@ async def login(db: StateDB, throttle: Throttle, username: str, password: str, s
     throttle.check(failures, last, locked, now)
     async with throttle.hashing:
         ok = await asyncio.to_thread(accounts.verify_password, password, row[1] if row else accounts.DUMMY_HASH)
+    now = time.time()  # back-off counts from the answer, not from the start of the hash
     if ok and row and not row[2]:
         secret = await db.run(_succeed, db, username, source)
         if src:
