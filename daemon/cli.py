@@ -150,8 +150,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     req = urllib.request.Request(  # noqa: S310 - scheme checked above
         f"{url.rstrip('/')}/admin/status", headers={"Authorization": f"Bearer {token}"})
     try:
-        # the URL is the admin's own daemon, http(s) only
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        # the URL is the admin's own daemon, http(s) only; a self-signed cert is trusted from the box's own file
+        with urllib.request.urlopen(req, timeout=10, context=cli_security.status_tls_context(  # noqa: S310
+                _settings(args), url)) as resp:
             st: dict[str, Any] = json.load(resp)
     except urllib.error.HTTPError as e:
         body = e.read().decode("utf-8", "replace")
@@ -177,6 +178,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"release: {'sequence ' + str(cur['sequence']) + ' (' + cur['version'] + ')' if cur else 'none installed'}"
           + (f"; importing: {prog.get('phase')} {prog.get('files_done')}/{prog.get('files_total')} files, "
              f"{prog.get('bytes_done')}/{prog.get('bytes_total')} bytes" if busy else ""))
+    if st.get("tls"):
+        print(f"TLS certificate SHA-256 fingerprint: {st['tls']['fingerprint_sha256']}")
     gov = st["governor"]
     print(f"governor: {gov['state']} ({gov['reason']}){'' if gov['admitting'] else ', NOT admitting new requests'}")
     for m in st["models"]:

@@ -8,8 +8,10 @@ every session at once: the daemon checks the session table on each request.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +46,18 @@ def _read_password(args: argparse.Namespace, prompt: str) -> str:
 def _new_hash(s: Settings, args: argparse.Namespace, prompt: str) -> str:
     pw = accounts.check_password(_read_password(args, prompt), s.password_min_length)
     return accounts.hash_password(pw)
+
+
+def status_tls_context(s: Settings, url: str) -> ssl.SSLContext | None:
+    """For `atoll status` over https: trust the system CAs plus the box's own (self-signed) certificate."""
+    if not url.startswith("https://"):
+        return None
+    ctx = ssl.create_default_context()
+    cert = Path(s.tls_cert) if s.tls_cert else tls.default_paths(s.state_dir)[0]
+    if cert.is_file():
+        with contextlib.suppress(ssl.SSLError, OSError):
+            ctx.load_verify_locations(cafile=str(cert))
+    return ctx
 
 
 def register(sub: Any, settings_of: SettingsOf, state_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -127,7 +141,8 @@ def register(sub: Any, settings_of: SettingsOf, state_args: Callable[[argparse.A
 
     def audit_verify_cmd(args: argparse.Namespace) -> int:
         s, db = db_of(args)
-        pub = device_key.load_public(Path(args.key) if args.key else s.state_dir / device_key.PUBLIC_NAME)
+        pub = (device_key.load_public(Path(args.key)) if args.key
+               else device_key.ensure(s.state_dir).public_key())
         cp = None
         if args.checkpoint:
             try:
