@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,14 @@ from daemon.config import Settings
 from daemon.services import Services, bootstrap
 
 PASSWORD = "correct horse battery"
+ATOLL = str(Path(sys.executable).with_name("atoll"))
+
+
+def atoll(*args: str | Path, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `atoll ARGS` (no ATOLL_* variables inherited), optionally feeding stdin."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATOLL_")}
+    return subprocess.run([ATOLL, *map(str, args)], capture_output=True, text=True, timeout=120, env=env,
+                          input=input_text if input_text is not None else "", check=False)
 
 
 class SecApp:

@@ -15,7 +15,7 @@ import pytest
 
 from daemon import audit, audit_verify, device_key
 from daemon.db import StateDB
-from tests.daemon.test_cli import atoll
+from tests.daemon.conftest import atoll
 
 
 def fill(db: StateDB, n: int) -> None:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from daemon import tls
-from tests.daemon.test_cli import atoll
+from tests.daemon.conftest import atoll
 from tests.e2e.conftest import ATOLL, free_port
 
 
