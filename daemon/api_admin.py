@@ -38,6 +38,7 @@ async def admin_status(request: web.Request) -> web.Response:
         "daemon_pid": os.getpid(),
         "daemon_rss_bytes": proc.memory_info().rss,
         "ready": s.scheduler.any_ready(),
+        "audit": s.security.status(),
         "tls": (t := s.security.tls) and {"fingerprint_sha256": t.fingerprint, "not_after": t.not_after,
                                           "subject": t.subject, "names": list(t.sans)},
         "governor": {"state": s.hardware.governor.state.name.lower(), "reason": s.hardware.reason,

@@ -56,6 +56,14 @@ def check_cross_site(request: web.Request) -> None:
                         code="cross_origin")
 
 
+def session_timeouts(s: Services) -> tuple[float, float]:
+    """(idle, absolute) session lifetimes in seconds: the signed policy's when it sets them, else the settings'."""
+    lim = s.limits
+    idle = lim.session_idle_minutes * 60 if lim.session_idle_minutes else s.security.idle_seconds
+    absolute = lim.session_absolute_hours * 3600 if lim.session_absolute_hours else s.security.absolute_seconds
+    return idle, absolute
+
+
 async def authenticate(request: web.Request) -> Principal:
     """The principal of a request (bearer token or session cookie), CSRF and origin checked; or raise."""
     s: Services = request.app[SERVICES]
@@ -75,7 +83,8 @@ async def authenticate(request: web.Request) -> Principal:
     if secret is None:
         raise Unauthorized("credentials required: an API token (Authorization: Bearer) or a session "
                            "(POST /auth/login)", code="missing_token")
-    sess = await db.run(sessions.lookup, db.db.conn, secret, sec.idle_seconds, sec.absolute_seconds, src)
+    idle, absolute = session_timeouts(s)
+    sess = await db.run(sessions.lookup, db.db.conn, secret, idle, absolute, src)
     if request.method not in access.SAFE_METHODS:
         check_cross_site(request)
         if not sessions.csrf_ok(secret, request.headers.get(sessions.CSRF_HEADER)):
@@ -138,10 +147,10 @@ async def post_login(request: web.Request) -> web.Response:
     username = accounts.check_username(body["username"])
     res = await login.login(s.db, s.security.throttle, username, body["password"], source_of(request),
                             s.security.lockout_seconds)
+    idle, absolute = session_timeouts(s)
     resp = web.json_response({"username": res.username, "role": res.role, "csrf_token": res.csrf,
-                              "idle_timeout_seconds": s.security.idle_seconds,
-                              "absolute_timeout_seconds": s.security.absolute_seconds})
-    set_cookie(resp, res.secret, request, s.security.absolute_seconds)
+                              "idle_timeout_seconds": idle, "absolute_timeout_seconds": absolute})
+    set_cookie(resp, res.secret, request, absolute)
     return resp
 
 

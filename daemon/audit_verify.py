@@ -159,12 +159,13 @@ def current_checkpoint(conn: sqlite3.Connection, key: Ed25519PrivateKey) -> Chec
 def prune(conn: sqlite3.Connection, key: Ed25519PrivateKey, before: str, who: str = "retention") -> int:
     """Delete rows older than `before` (ISO time) after a verified chain, leaving a signed checkpoint at
     the cut so the rest stays verifiable; return rows removed. The last row is never pruned."""
+    size = audit.head(conn)[0]
+    last = conn.execute("SELECT max(seq) FROM audit_chain WHERE ts < ? AND seq < ?", [before, size]).fetchone()[0]
+    if last is None:
+        return 0
     v = verify(conn, key.public_key())
     if not v.ok:
         raise BadRequest(f"audit log does not verify ({v.problem}); not pruning", code="audit_broken")
-    last = conn.execute("SELECT max(seq) FROM audit_chain WHERE ts < ? AND seq < ?", [before, v.size]).fetchone()[0]
-    if last is None:
-        return 0
     row = conn.execute("SELECT hash FROM audit_chain WHERE seq = ?", [last]).fetchone()
     cp = sign(key, int(last), str(row[0]))
     with audit.transaction(conn):

@@ -47,6 +47,7 @@ class Services:
     async def start(self) -> None:
         """Start the parts in order: state DB, the models, the governor."""
         await self.db.start()
+        await self.security.start(self.db, self.hardware.governor, lambda: self.limits.audit_retention_days)
         await self.scheduler.start()
         await self.hardware.start()
         await self.updates.start()
@@ -56,6 +57,7 @@ class Services:
         await self.updates.stop()
         await self.hardware.stop()
         await self.scheduler.stop()
+        await self.security.stop()
         await self.background.drain()
         await self.db.stop()
 

@@ -53,6 +53,9 @@ class Limits:
     log_prompts: bool = False
     prompt_retention_days: int = 0
     allowed_families: frozenset[str] | None = None
+    session_idle_minutes: float | None = None
+    session_absolute_hours: float | None = None
+    audit_retention_days: int = 0
 
 
 def governor_thresholds(base: GovernorThresholds, policy: Policy | None) -> GovernorThresholds:
@@ -109,6 +112,8 @@ class Updates:
         self._seen_current = current_target(settings.state_dir)
         self._poll: asyncio.Task[None] | None = None
         self._background = background
+        self._policy_seen = False
+        self._policy_in_force: Policy | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -207,12 +212,18 @@ class Updates:
     # -- applying a release ------------------------------------------------------------------
 
     def apply_policy(self, policy: Policy | None) -> None:
-        """Put a policy's limits in force (None: the settings alone)."""
+        """Put a policy's limits in force (None: the settings alone); a change after start is audited."""
+        if self._policy_seen and policy != self._policy_in_force:
+            self._audit("policy.changed", {"policy": dataclasses.asdict(policy) if policy else None})
+        self._policy_seen, self._policy_in_force = True, policy
         s = self.settings
         self.limits.max_tokens = policy.max_tokens if policy else None
         self.limits.log_prompts = policy.log_prompts if policy else s.log_prompts
         self.limits.prompt_retention_days = policy.prompt_retention_days if policy else 0
         self.limits.allowed_families = frozenset(policy.allowed_families) if policy else None
+        self.limits.session_idle_minutes = policy.session_idle_minutes if policy else None
+        self.limits.session_absolute_hours = policy.session_absolute_hours if policy else None
+        self.limits.audit_retention_days = (policy.audit_retention_days or 0) if policy else 0
         self.scheduler.config.queue_size = policy.queue_size if policy else s.queue_size
         n_ctx = min(s.n_ctx, policy.max_context) if policy else s.n_ctx
         self.scheduler.config.n_ctx = n_ctx

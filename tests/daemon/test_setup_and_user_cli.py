@@ -69,8 +69,8 @@ async def test_user_cli_works_while_the_daemon_runs(sec_app: Any) -> None:
     assert (await a.client.get("/auth/me")).status == 200  # the refused change changed nothing
     r = atoll("user", "disable", "nurse", "--state-dir", state)
     assert r.returncode == 0
-    r = await a.client.post("/auth/logout", headers=headers)
-    assert r.status == 401 and (await r.json())["error"]["code"] == "session_revoked"
+    out = await a.client.post("/auth/logout", headers=headers)
+    assert out.status == 401 and (await out.json())["error"]["code"] == "session_revoked"
     assert atoll("user", "enable", "nurse", "--state-dir", state).returncode == 0
     r = atoll("user", "passwd", "nurse", "--password-stdin", "--state-dir", state, input_text="x" * 20 + "\n")
     assert r.returncode == 0
