@@ -106,7 +106,7 @@ async def post_token(request: web.Request) -> web.Response:
         expires = t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
     def make() -> str:
-        token = create_token(s.db, body["name"], body["role"])
+        token = create_token(s.db, body["name"], body["role"], by=who)
         set_limits(s.db, body["name"], expires, body.get("rate_per_minute"), body.get("daily_token_quota"), who)
         return token
 
@@ -120,7 +120,7 @@ async def delete_token(request: web.Request) -> web.Response:
     """DELETE /admin/tokens/{name}: revoke; it stops working at once."""
     s = request.app[SERVICES]
     name = request.match_info["name"]
-    await s.db.run(revoke_token, s.db, name)
+    await s.db.run(revoke_token, s.db, name, principal_of(request).name)
     return web.json_response({"revoked": name})
 
 

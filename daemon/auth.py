@@ -41,7 +41,7 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(db: StateDB, name: str, role: str) -> str:
+def create_token(db: StateDB, name: str, role: str, by: str = "local-admin") -> str:
     """Create a token; return it in clear (the only time it exists in clear)."""
     if role not in ROLES:
         raise BadRequest(f"unknown role {role!r}: one of {', '.join(ROLES)}", param="role")
@@ -56,7 +56,7 @@ def create_token(db: StateDB, name: str, role: str) -> str:
     secret = secrets.token_urlsafe(32)
     db.db.table("tokens").insert({"id": tid, "name": name, "role": role, "hash": _hash(secret),
                             "created": now_iso(), "revoked": None, "last_used": None})
-    db.audit("local-admin", "token.create", name=name, role=role)
+    db.audit(by, "token.create", name=name, role=role)
     return f"atoll_{tid}_{secret}"
 
 
@@ -80,14 +80,14 @@ def list_tokens(db: StateDB) -> list[dict[str, Any]]:
     return list(db.db.query("SELECT name, role, created, revoked FROM tokens ORDER BY created"))
 
 
-def revoke_token(db: StateDB, name: str) -> None:
+def revoke_token(db: StateDB, name: str, by: str = "local-admin") -> None:
     """Revoke the token called `name`."""
     row = db.db.execute("SELECT revoked FROM tokens WHERE name = ?", [name]).fetchone()
     if row is None:
         raise BadRequest(f"no token named {name!r}", param="name", code="token_not_found")
     if not row[0]:
         db.db.execute("UPDATE tokens SET revoked = ? WHERE name = ?", [now_iso(), name])
-        db.audit("local-admin", "token.revoke", name=name)
+        db.audit(by, "token.revoke", name=name)
 
 
 def count_tokens(db: StateDB) -> int:
