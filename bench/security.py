@@ -85,7 +85,8 @@ async def http_figures(state: Path, logins: int, requests: int) -> dict[str, Any
                 times.append((time.perf_counter() - t) * 1000)
             out["login_ms"] = times
             h = {"Authorization": f"Bearer {token}"}
-            a, b = [], []
+            a: list[float] = []
+            b: list[float] = []
             for i in range(requests * 2):
                 path = "/admin/bench-audited" if i % 2 else "/admin/bench-plain"
                 t = time.perf_counter()
