@@ -8,7 +8,7 @@ null, arrays and objects (floats and bigger integers are stored as strings), and
 those values RFC 8785 is exactly Python's
 `json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`.
 `prev_hash` is the previous row's `hash` (64 zeros for the first row ever, or the head
-of the signed checkpoint at a retention cut). docs/AUDIT.md explains how an auditor
+of the signed checkpoint at a retention cut). AUDIT.md, beside the README, explains how an auditor
 checks all this by hand.
 
 Writers take SQLite's write lock (BEGIN IMMEDIATE) around read-head-then-insert, so the

@@ -67,7 +67,7 @@ def parse(text: str, public: Ed25519PublicKey) -> Checkpoint:
     """Parse a checkpoint and check its signature with the device's public key."""
     lines = text.split("\n")
     if len(lines) < 7 or lines[0] != MAGIC or lines[5] != "" or not lines[6].startswith("signature "):
-        raise CheckpointError("not an atoll audit checkpoint (see docs/AUDIT.md for the format)")
+        raise CheckpointError("not an atoll audit checkpoint (AUDIT.md beside the README gives the format)")
     try:
         fields = dict(line.split(" ", 1) for line in lines[1:5])
         cp = Checkpoint(fields["device"], int(fields["size"]), fields["head"], fields["time"],
