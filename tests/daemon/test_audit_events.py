@@ -73,3 +73,37 @@ async def test_bad_policy_tables_are_refused_naming_the_key() -> None:
             parse_policy((base + "\n" + extra).encode())
         assert words in e.value.message and e.value.code == "bad_policy", (extra, e.value.message)
     assert dataclasses.asdict(parse_policy(base.encode()))["audit_retention_days"] is None
+
+
+async def test_audit_api_filters_pages_and_verifies(sec_app: Any) -> None:
+    a: SecApp = await sec_app()
+    a.add_user("nurse")
+    for _ in range(3):
+        await a.client.post("/auth/login", json={"username": "nurse", "password": "wrong wrong wrong"})
+    await a.client.post("/auth/login", json={"username": "nurse", "password": PASSWORD})
+    a.client.session.cookie_jar.clear()
+    h = a.token("officer", "auditor")
+    r = await a.client.get("/admin/audit", headers=h, params={"action": "login.failed", "principal": "nurse",
+                                                              "outcome": "failed", "limit": "2"})
+    page = await r.json()
+    assert r.status == 200 and [x["action"] for x in page["data"]] == ["login.failed"] * 2
+    assert page["data"][0]["seq"] > page["data"][1]["seq"] and page["data"][0]["source"] == "127.0.0.1"
+    r = await a.client.get("/admin/audit", headers=h, params={"action": "login.failed", "limit": "2",
+                                                              "before": str(page["next_before"])})
+    rest = await r.json()
+    assert len(rest["data"]) == 1 and rest["next_before"] is None
+    newest = page["data"][0]["ts"]
+    r = await a.client.get("/admin/audit", headers=h, params={"since": newest, "until": "2999-01-01T00:00:00Z"})
+    assert {x["action"] for x in (await r.json())["data"]} >= {"login.ok"}
+    before = a.snapshot()
+    for params, param in (({"since": "yesterday"}, "since"), ({"limit": "0"}, "limit"), ({"before": "x"}, "before"),
+                          ({"colour": "red"}, "colour")):
+        r = await a.client.get("/admin/audit", headers=h, params=params)
+        assert r.status == 400 and (await r.json())["error"]["param"] == param, params
+    assert a.snapshot() == before
+    r = await a.client.get("/admin/audit/verify", headers=h)
+    v = await r.json()
+    assert r.status == 200 and v["ok"] and v["checkpoint"].startswith("atoll audit checkpoint v1\n")
+    a.conn.execute("UPDATE audit_chain SET principal = 'someone' WHERE action = 'login.ok'")
+    v = await (await a.client.get("/admin/audit/verify", headers=h)).json()
+    assert not v["ok"] and "edited" in v["problem"]
