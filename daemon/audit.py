@@ -25,6 +25,7 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def canonical(value: Any) -> str:
 
 
 def _s(v: str | None) -> str:
-    return "null" if v is None else json.dumps(v, ensure_ascii=False)
+    # the C string encoder behind json.dumps(v, ensure_ascii=False): same bytes, several times faster
+    return "null" if v is None else encode_basestring(v)
 
 
 def row_bytes(seq: int, ts: str, principal: str | None, source: str | None, action: str, obj: str | None,
