@@ -81,3 +81,19 @@ async def test_user_cli_works_while_the_daemon_runs(sec_app: Any) -> None:
     assert (await a.client.get("/auth/me")).status == 401
     principals = {x[0] for x in a.audit() if x[2].startswith("user.")}
     assert all(p.startswith("local:") or p == "test" for p in principals), principals
+
+
+async def test_user_made_on_the_box_before_the_daemon_starts(sec_app: Any, tmp_path: Path) -> None:
+    state = tmp_path / "fresh"
+    r = atoll("user", "create", "boss", "--role", "admin", "--password-stdin", "--state-dir", state,
+              input_text=PASSWORD + "\n")
+    assert r.returncode == 0, r.stderr
+    r = atoll("user", "create", "boss", "--role", "admin", "--password-stdin", "--state-dir", state,
+              input_text=PASSWORD + "\n")
+    assert r.returncode == 1 and "already exists" in r.stderr
+    a: SecApp = await sec_app(state_dir=state)
+    assert not setup_code.needed(a.conn)  # no setup code on a box that has an account
+    headers = await a.login("boss")
+    r2 = await a.client.get("/admin/users")
+    assert r2.status == 200 and [u["username"] for u in (await r2.json())["data"]] == ["boss"]
+    assert headers["X-CSRF-Token"]
