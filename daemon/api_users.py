@@ -9,10 +9,10 @@ from aiohttp import web
 
 from daemon import accounts, audit, audit_verify
 from daemon.api_auth import Handler, hash_new_password, principal_of, source_of
-from daemon.auth import create_token, list_tokens, revoke_token
+from daemon.auth import list_tokens, revoke_token
 from daemon.middleware import read_json
 from daemon.services import SERVICES
-from daemon.token_limits import set_limits
+from daemon.token_limits import create_limited_token
 from runtime.errors import BadRequest
 
 _USERNAME = {"type": "string", "minLength": 1, "maxLength": accounts.MAX_USERNAME_CHARS}
@@ -99,18 +99,9 @@ async def post_token(request: web.Request) -> web.Response:
     """POST /admin/tokens {name, role, expires_in_days?, rate_per_minute?, daily_token_quota?}: shown once."""
     s = request.app[SERVICES]
     body = await read_json(request, TOKEN_CREATE)
-    who = principal_of(request).name
-    expires = None
-    if "expires_in_days" in body:
-        t = dt.datetime.now(dt.UTC) + dt.timedelta(days=body["expires_in_days"])
-        expires = t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-    def make() -> str:
-        token = create_token(s.db, body["name"], body["role"], by=who)
-        set_limits(s.db, body["name"], expires, body.get("rate_per_minute"), body.get("daily_token_quota"), who)
-        return token
-
-    token = await s.db.run(make)
+    token, expires = await s.db.run(create_limited_token, s.db, body["name"], body["role"],
+                                    principal_of(request).name, body.get("expires_in_days"),
+                                    body.get("rate_per_minute"), body.get("daily_token_quota"))
     return web.json_response({"name": body["name"], "role": body["role"], "token": token, "expires": expires,
                               "rate_per_minute": body.get("rate_per_minute"),
                               "daily_token_quota": body.get("daily_token_quota")}, status=201)

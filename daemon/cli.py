@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon import cli_security, config
-from daemon.auth import create_token, list_tokens, revoke_token
+from daemon.auth import list_tokens, revoke_token
 from daemon.db import StateDB
+from daemon.token_limits import create_limited_token
 from runtime.errors import AtollError
 from runtime.store import ModelStore
 from sync import cli as sync_cli
@@ -116,7 +117,8 @@ def cmd_models_plan(args: argparse.Namespace) -> int:
 def cmd_token_create(args: argparse.Namespace) -> int:
     """atoll token create."""
     db = StateDB(_settings(args).db_path)
-    print(create_token(db, args.name, args.role))
+    print(create_limited_token(db, args.name, args.role, "local-admin", args.expires_days, args.rate_per_minute,
+                               args.daily_token_quota)[0])
     return 0
 
 
@@ -256,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=["user", "admin", "auditor"], required=True,
                    help="user: inference only; admin: everything; auditor: read-only audit log, usage, status")
     p.add_argument("--name", required=True, help="a unique name, e.g. the system that will use it")
+    p.add_argument("--expires-days", type=int, metavar="N", help="the token stops working N days from now")
+    p.add_argument("--rate-per-minute", type=int, metavar="N", help="requests per minute (over it: 429)")
+    p.add_argument("--daily-token-quota", type=int, metavar="N",
+                   help="prompt + completion tokens per UTC day (over it: 429)")
     _state_args(p)
     p.set_defaults(func=cmd_token_create)
     p = tokens.add_parser("list", help="list tokens (names, roles, dates; never secrets)")

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon import audit
+from daemon.auth import create_token
 from daemon.db import StateDB
-from runtime.errors import AtollError, Unauthorized
+from runtime.errors import AtollError, BadRequest, Unauthorized
 
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
@@ -52,11 +53,23 @@ def used_today(db: StateDB, name: str) -> int:
     return int(r[0])
 
 
-def set_limits(db: StateDB, name: str, expires: str | None, rate: int | None, quota: int | None,
-               created_by: str) -> None:
-    """Store a new token's limits."""
-    db.db.conn.execute("UPDATE tokens SET expires = ?, rate_per_minute = ?, daily_token_quota = ?, created_by = ? "
-                       "WHERE name = ?", [expires, rate, quota, created_by, name])
+def create_limited_token(db: StateDB, name: str, role: str, by: str, expires_in_days: int | None = None,
+                         rate: int | None = None, quota: int | None = None) -> tuple[str, str | None]:
+    """Create a token with its limits in one transaction; return (the token in clear, its expiry or None)."""
+    expires = None
+    if expires_in_days is not None:
+        if not 1 <= expires_in_days <= 3650:
+            raise BadRequest("expires_in_days must be 1..3650", param="expires_in_days")
+        t = dt.datetime.now(dt.UTC) + dt.timedelta(days=expires_in_days)
+        expires = t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    for value, param in ((rate, "rate_per_minute"), (quota, "daily_token_quota")):
+        if value is not None and value < 1:
+            raise BadRequest(f"{param} must be at least 1", param=param)
+    with audit.transaction(db.db.conn):
+        token = create_token(db, name, role, by=by)
+        db.db.conn.execute("UPDATE tokens SET expires = ?, rate_per_minute = ?, daily_token_quota = ?, "
+                           "created_by = ? WHERE name = ?", [expires, rate, quota, by, name])
+    return token, expires
 
 
 def _seconds_to_midnight() -> int:

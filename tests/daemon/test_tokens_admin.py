@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from daemon.db import now_iso
-from tests.daemon.conftest import PASSWORD, SecApp
+from tests.daemon.conftest import PASSWORD, SecApp, atoll
 
 
 async def test_token_create_list_revoke_through_the_admin_api(sec_app: Any) -> None:
@@ -114,3 +116,17 @@ async def test_users_through_the_admin_api(sec_app: Any) -> None:
     assert actions == ["user.created", "login.ok", "user.changed", "session.revoked", "user.role_changed",
                        "user.disabled", "login.failed", "user.deleted"]
     assert all(x[0] == "local-admin" or x[0] in ("boss", "nurse") for x in a.audit() if x[3] == "user:nurse")
+
+
+def test_token_limits_from_the_command_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    r = atoll("token", "create", "--role", "user", "--name", "mes", "--expires-days", "7", "--rate-per-minute", "60",
+              "--daily-token-quota", "50000", "--state-dir", state)
+    assert r.returncode == 0 and r.stdout.startswith("atoll_"), r.stderr
+    for bad, word in ((("--expires-days", "0"), "expires_in_days"), (("--rate-per-minute", "0"), "rate_per_minute")):
+        r = atoll("token", "create", "--role", "user", "--name", "other", *bad, "--state-dir", state)
+        assert r.returncode == 1 and word in r.stderr and "Traceback" not in r.stderr
+    with sqlite3.connect(state / "atoll.db") as conn:
+        rows = conn.execute("SELECT name, rate_per_minute, daily_token_quota, expires IS NOT NULL "
+                            "FROM tokens").fetchall()
+    assert rows == [("mes", 60, 50000, 1)]
