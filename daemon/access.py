@@ -22,6 +22,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/auth/me"): _EVERYONE,
     ("POST", "/auth/logout"): _EVERYONE,
     ("GET", "/auth/usage"): _EVERYONE,
+    ("POST", "/auth/password"): _EVERYONE,
     ("POST", "/v1/chat/completions"): _INFERENCE,
     ("POST", "/v1/completions"): _INFERENCE,
     ("POST", "/v1/embeddings"): _INFERENCE,

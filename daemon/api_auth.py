@@ -208,10 +208,38 @@ async def post_setup(request: web.Request) -> web.Response:
     return web.json_response({"username": username, "role": "admin"}, status=201)
 
 
+PASSWORD_CHANGE: dict[str, Any] = {
+    "type": "object", "required": ["current_password", "new_password"], "additionalProperties": False,
+    "properties": {"current_password": LOGIN_REQUEST["properties"]["password"],
+                   "new_password": LOGIN_REQUEST["properties"]["password"]},
+}
+
+
+async def post_password(request: web.Request) -> web.Response:
+    """POST /auth/password {current_password, new_password}: a person changes their own password.
+
+    The current password is checked like a login (a miss counts towards the lockout); the
+    change ends every session of the user, this one included, so the page logs in again."""
+    s = request.app[SERVICES]
+    p = principal_of(request)
+    if p.kind != "session":
+        raise BadRequest("an API token has no password; log in as the person", code="not_a_session")
+    body = await read_json(request, PASSWORD_CHANGE)
+    new_hash = await hash_new_password(s, body["new_password"], "new_password")
+    await login.login(s.db, s.security.throttle, p.name, body["current_password"], source_of(request),
+                      s.security.lockout_seconds)  # raises on a wrong password; opens a session we end below
+    await s.db.run(accounts.set_password, s.db.db.conn, p.name, new_hash,
+                   accounts.Actor(p.name, source_of(request)))
+    resp = web.json_response({"changed": True})
+    resp.del_cookie(sessions.COOKIE, path="/")
+    return resp
+
+
 ROUTES: tuple[tuple[str, str, Handler, str, dict[str, Any] | None], ...] = (
     ("POST", "/auth/login", post_login, "Log in: a session cookie and its CSRF token", LOGIN_REQUEST),
     ("POST", "/auth/logout", post_logout, "End this session", None),
     ("GET", "/auth/me", get_me, "Who is calling (and the session's CSRF token)", None),
     ("GET", "/auth/usage", get_own_usage, "The caller's own usage records", None),
+    ("POST", "/auth/password", post_password, "Change one's own password (ends one's sessions)", PASSWORD_CHANGE),
     ("POST", "/auth/setup", post_setup, "Spend the one-time setup code: create the first admin", SETUP_REQUEST),
 )

@@ -186,3 +186,26 @@ async def test_overlong_credentials_are_refused_before_hashing(sec_app: Any) -> 
     r = await a.client.post("/auth/login")
     assert r.status == 401 and (await r.json())["error"]["code"] == "missing_credentials"
     assert a.snapshot() == before
+
+
+async def test_people_change_their_own_password(sec_app: Any) -> None:
+    a: SecApp = await sec_app()
+    a.add_user("nurse")
+    headers = await a.login("nurse")
+    before = people(a)
+    for body, status, code in (({"current_password": WRONG, "new_password": "x" * 20}, 401, "invalid_credentials"),
+                               ({"current_password": PASSWORD, "new_password": "short"}, 400, "password_too_short"),
+                               ({"current_password": PASSWORD}, 400, "invalid_value")):
+        r = await a.client.post("/auth/password", json=body, headers=headers)
+        assert r.status == status and (await r.json())["error"]["code"] == code, body
+    after = people(a)
+    assert after["sessions"] == before["sessions"] and after["users"][0][2] == before["users"][0][2]  # same hash
+    r = await a.client.post("/auth/password", json={"current_password": PASSWORD, "new_password": "y" * 20},
+                            headers=headers)
+    assert r.status == 200
+    assert (await a.client.get("/auth/me")).status == 401  # every session of the user ended
+    assert (await a.client.post("/auth/login", json={"username": "nurse", "password": PASSWORD})).status == 401
+    assert (await a.client.post("/auth/login", json={"username": "nurse", "password": "y" * 20})).status == 200
+    r = await a.client.post("/auth/password", json={"current_password": "y" * 20, "new_password": "z" * 20},
+                            headers=a.token("bot", "user"))
+    assert r.status == 400 and (await r.json())["error"]["code"] == "not_a_session"
