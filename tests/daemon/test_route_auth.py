@@ -78,6 +78,7 @@ async def test_roles_are_enforced_on_every_route(sec_app: Any) -> None:
     inference = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings")}
     auditor = {(m, p) for m, p, op in all_routes if "auditor" in op.get("x-roles", [])}
     assert not auditor & inference
-    assert {(m, p) for m, p in auditor if m != "GET"} == {("POST", "/auth/logout")}
+    # an auditor changes nothing on the box: only their own session and password
+    assert {(m, p) for m, p in auditor if m != "GET"} == {("POST", "/auth/logout"), ("POST", "/auth/password")}
     user = {(m, p) for m, p, op in all_routes if "user" in op.get("x-roles", [])}
     assert inference <= user and not any(p.startswith("/admin/") for _, p in user)
