@@ -127,14 +127,14 @@ async def login(db: StateDB, throttle: Throttle, username: str, password: str, s
     if ok:  # a disabled account with the right password: not a miss against it
         await db.run(_audit, db, "login.failed", "failed", username, source, why, failures)
         raise bad_credentials()
-    failures += 1
-    locked_now = failures >= LOCKOUT_AFTER
-    until = now + lockout_seconds if locked_now else 0.0
-    if row:
-        await db.run(_record_miss, db, username, failures, now, until)
+    if row:  # counted in SQL, so two tries at once cannot both see the same count
+        failures = await db.run(_record_miss, db, username, now, lockout_seconds)
     else:
         assert mem is not None
-        mem.failures, mem.last, mem.locked_until = failures, now, until
+        failures = failures + 1
+        mem.failures, mem.last = failures, now
+        mem.locked_until = now + lockout_seconds if failures >= LOCKOUT_AFTER else 0.0
+    locked_now = failures >= LOCKOUT_AFTER
     if locked_now:
         await db.run(_audit, db, "login.locked", "locked", username, source, why, failures)
         raise AccountLocked("this account is locked after repeated wrong passwords; try again later",
@@ -148,9 +148,17 @@ def _audit(db: StateDB, action: str, outcome: str, username: str, source: str, w
                                          outcome=outcome, reason=why, detail={"failures_in_a_row": failures}))
 
 
-def _record_miss(db: StateDB, username: str, failures: int, now: float, until: float) -> None:
-    db.db.conn.execute("UPDATE users SET failures = ?, last_failure = ?, locked_until = ? WHERE username = ?",
-                       [failures, now, until or None, username])
+def _record_miss(db: StateDB, username: str, now: float, lockout_seconds: float) -> int:
+    """Count one more miss (restarting after an expired lock); lock on the LOCKOUT_AFTER-th; return the count."""
+    conn = db.db.conn
+    with audit.transaction(conn):
+        conn.execute("UPDATE users SET failures = CASE WHEN locked_until IS NOT NULL AND locked_until <= ? THEN 1 "
+                     "ELSE failures + 1 END, last_failure = ?, locked_until = NULL WHERE username = ?",
+                     [now, now, username])
+        n = int(conn.execute("SELECT failures FROM users WHERE username = ?", [username]).fetchone()[0])
+        if n >= LOCKOUT_AFTER:
+            conn.execute("UPDATE users SET locked_until = ? WHERE username = ?", [now + lockout_seconds, username])
+    return n
 
 
 def _succeed(db: StateDB, username: str, source: str) -> str:

@@ -209,3 +209,26 @@ async def test_people_change_their_own_password(sec_app: Any) -> None:
     r = await a.client.post("/auth/password", json={"current_password": "y" * 20, "new_password": "z" * 20},
                             headers=a.token("bot", "user"))
     assert r.status == 400 and (await r.json())["error"]["code"] == "not_a_session"
+
+
+async def test_concurrent_wrong_passwords_still_lock_on_the_sixth(sec_app: Any) -> None:
+    a: SecApp = await sec_app()
+    a.add_user("eng")
+    rs = await asyncio.gather(*(a.client.post("/auth/login", json={"username": "eng", "password": WRONG})
+                                for _ in range(8)))
+    assert sorted(r.status for r in rs) == [401] * 5 + [429] * 3
+    assert a.rows("SELECT failures, locked_until IS NOT NULL FROM users") == [(8, 1)]
+    r = await a.client.post("/auth/login", json={"username": "eng", "password": PASSWORD})
+    assert r.status == 429 and (await r.json())["error"]["code"] == "account_locked"
+    assert a.rows("SELECT count(*) FROM sessions") == [(0,)]
+
+
+async def test_own_usage_shows_only_the_callers_rows(sec_app: Any) -> None:
+    a: SecApp = await sec_app()
+    a.conn.executemany("INSERT INTO usage (ts, principal, endpoint, model, prompt_tokens, completion_tokens) "
+                       "VALUES ('2026-01-01T00:00:00+00:00', ?, 'chat', 'smollm2', 3, 4)", [("mes",), ("pacs",)])
+    h = a.token("mes", "user")
+    rows = (await (await a.client.get("/auth/usage", headers=h)).json())["data"]
+    assert len(rows) == 1 and rows[0]["prompt_tokens"] == 3 and "principal" not in rows[0]
+    r = await a.client.get("/auth/usage", headers=h, params={"limit": "many"})
+    assert r.status == 400 and (await r.json())["error"]["param"] == "limit"
