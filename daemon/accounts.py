@@ -74,6 +74,8 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, base64.b64decode(dk))
 
 
+#: How a hash made with today's parameters begins (older ones are re-hashed at the next login).
+CURRENT_PREFIX = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}$"
 #: A hash to compare against when the username does not exist, so the answer takes the same time.
 DUMMY_HASH = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}$AAAAAAAAAAAAAAAAAAAAAA==$" + "A" * 43 + "="
 

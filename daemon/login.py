@@ -117,6 +117,11 @@ async def login(db: StateDB, throttle: Throttle, username: str, password: str, s
         ok = await asyncio.to_thread(accounts.verify_password, password, row[1] if row else accounts.DUMMY_HASH)
     now = time.time()  # back-off counts from the answer, not from the start of the hash
     if ok and row and not row[2]:
+        if not row[1].startswith(accounts.CURRENT_PREFIX):  # hashed with older parameters: bring it up to date
+            async with throttle.hashing:
+                fresh = await asyncio.to_thread(accounts.hash_password, password)
+            await db.run(lambda: db.db.conn.execute("UPDATE users SET pw_hash = ? WHERE username = ?",
+                                                    [fresh, username]))
         secret = await db.run(_succeed, db, username, source)
         if src:
             src.failures = 0

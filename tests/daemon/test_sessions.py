@@ -232,3 +232,12 @@ async def test_own_usage_shows_only_the_callers_rows(sec_app: Any) -> None:
     assert len(rows) == 1 and rows[0]["prompt_tokens"] == 3 and "principal" not in rows[0]
     r = await a.client.get("/auth/usage", headers=h, params={"limit": "many"})
     assert r.status == 400 and (await r.json())["error"]["param"] == "limit"
+
+
+async def test_a_hash_with_older_parameters_is_renewed_at_login(sec_app: Any) -> None:
+    a: SecApp = await sec_app()
+    old = accounts.hash_password(PASSWORD, n=2**12, r=8, p=1)
+    accounts.create_user(a.conn, "veteran", old, "user", accounts.Actor("test"))
+    await a.login("veteran")
+    [(stored,)] = a.rows("SELECT pw_hash FROM users")
+    assert stored.startswith(accounts.CURRENT_PREFIX) and accounts.verify_password(PASSWORD, stored)
