@@ -110,7 +110,9 @@ async def admit(request: web.Request) -> Principal | None:
             check_cross_site(request)  # login CSRF: another site must not log a browser in
         return None
     principal = await authenticate(request)
-    authorize(principal, request.method, request.path)
+    if request.match_info.http_exception is None:  # an unknown route or method is a 404/405 for anyone signed in
+        authorize(principal, request.method, request.match_info.route.resource.canonical
+                  if request.match_info.route.resource else request.path)
     return principal
 
 

@@ -82,3 +82,13 @@ async def test_roles_are_enforced_on_every_route(sec_app: Any) -> None:
     assert {(m, p) for m, p in auditor if m != "GET"} == {("POST", "/auth/logout"), ("POST", "/auth/password")}
     user = {(m, p) for m, p, op in all_routes if "user" in op.get("x-roles", [])}
     assert inference <= user and not any(p.startswith("/admin/") for _, p in user)
+
+
+async def test_unknown_routes_need_credentials_then_say_404_or_405(sec_app: Any) -> None:
+    a: SecApp = await sec_app()
+    assert (await a.client.get("/v1/nothing")).status == 401
+    h = a.token("line", "user")
+    assert (await a.client.get("/v1/nothing", headers=h)).status == 404
+    assert (await a.client.get("/admin/nothing", headers=h)).status == 404
+    r = await a.client.get("/v1/chat/completions", headers=h)
+    assert r.status == 405 and "POST" in r.headers["Allow"]
