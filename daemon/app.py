@@ -89,6 +89,7 @@ def openapi_document(app_version: str) -> dict[str, Any]:
         op["responses"] = {"200": ok}
         if (r.method, r.path) in access.CREDENTIAL_ROUTES:
             op["security"] = []
+            op["x-credentials"] = "body"  # no token or session; the body carries them (401 without)
             op["responses"].update({code: {"description": d, **err_ref} for code, d in _ERRORS.items()
                                     if code in ("400", "401", "429")})
         elif r.path not in PUBLIC_PATHS:

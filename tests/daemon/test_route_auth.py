@@ -37,7 +37,9 @@ async def test_every_route_refuses_without_credentials(sec_app: Any) -> None:
             continue
         assert r.status == 401, (method, path, r.status, body)
         assert body["error"]["type"] == "authentication_error"
-        if (method, path) not in access.CREDENTIAL_ROUTES:
+        if (method, path) in access.CREDENTIAL_ROUTES:
+            assert op["security"] == [] and op["x-credentials"] == "body", path
+        else:
             assert op["security"] == [{"bearer": []}, {"session": []}], path
     assert a.snapshot() == before
 
