@@ -57,6 +57,16 @@ async def admin_usage(request: web.Request) -> web.Response:
     return web.json_response({"data": rows})
 
 
+async def admin_audit(request: web.Request) -> web.Response:
+    """GET /admin/audit?limit=N: the latest audit records (imports, tokens, throttled authentication)."""
+    s = request.app[SERVICES]
+    try:
+        limit = max(1, min(1000, int(request.query.get("limit", "100"))))
+    except ValueError:
+        raise BadRequest("limit must be an integer", param="limit") from None
+    return web.json_response({"data": await s.db.run(s.db.audit_log, limit)})
+
+
 async def admin_hardware(request: web.Request) -> web.Response:
     """GET /admin/hardware: sensor snapshot, governor state, reason, history, variant decisions, swaps."""
     return web.json_response(request.app[SERVICES].hardware.status())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -12,9 +11,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from daemon.bodies import read_json
 from daemon.middleware import PRINCIPAL
+from daemon.schemas import BUNDLE_PATH_REQUEST
 from daemon.services import SERVICES
-from runtime.errors import BadRequest, PayloadTooLarge
+from runtime.errors import PayloadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +52,10 @@ async def post_bundle(request: web.Request) -> web.Response:
             result = await s.updates.run_import(tmp, tar=True)
         finally:
             await asyncio.to_thread(_remove, tmp)
-    elif ctype == "application/json":
-        try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(body, dict) or not isinstance(body.get("path"), str) or not body["path"]:
-            raise BadRequest("body must be {\"path\": \"/directory/holding/ATOLL\"}", param="path")
+    else:  # anything but a tar must be JSON {"path": ...}: 415 otherwise, 400 naming the field if bad
+        body = await read_json(request, BUNDLE_PATH_REQUEST)
         await s.db.run(s.db.audit, who, "bundle.import_path", "ok", path=body["path"])
         result = await s.updates.run_import(body["path"])
-    else:
-        raise BadRequest(f"send the bundle as application/x-tar, or application/json {{\"path\": ...}}; "
-                         f"got {ctype or 'no Content-Type'}", code="unsupported_media_type")
     return web.json_response(result.to_json())
 
 
