@@ -239,7 +239,8 @@ class ConnectionGuard:
         self.settings = settings
         self.total = 0
         self.per_ip: dict[str, int] = {}
-        self.refused = 0
+        self.refused = 0  # connections refused over a cap, since start
+        self.admitted = 0  # connections admitted, since start
         self.conns: dict[object, _Conn] = {}
         self.limiter = LogLimiter(log)
         body = json.dumps({"error": {"message": "too many connections; retry shortly", "type": "server_error",
@@ -258,6 +259,7 @@ class ConnectionGuard:
                              self.settings.max_connections)
             return False
         self.total += 1
+        self.admitted += 1
         self.per_ip[ip] = n + 1
         return True
 
