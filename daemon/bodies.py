@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +81,35 @@ def _bad(path: list[str | int], message: str, code: str = "invalid_value") -> Ba
     return BadRequest(f"{where or 'body'}: {message}", param=where or None, code=code)
 
 
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]')
+
+
+def _too_deep_at(text: str) -> list[str | int]:
+    """The top-level field holding nesting deeper than MAX_DEPTH (empty: the body itself)."""
+    stack: list[list[Any]] = []  # [kind, key or index]
+    last = ""
+    for m in _TOKENS.finditer(text):
+        tok = m.group()
+        if tok[0] == '"':
+            last = tok
+        elif tok in "[{":
+            stack.append(["a", 0] if tok == "[" else ["o", None])
+            if len(stack) > MAX_DEPTH:
+                kind, first = stack[0]
+                return [first] if kind == "o" and first is not None else []
+        elif tok in "]}":
+            if stack:
+                stack.pop()
+        elif tok == ":" and stack and stack[-1][0] == "o":
+            try:
+                stack[-1][1] = json.loads(last)
+            except ValueError:
+                stack[-1][1] = None
+        elif tok == "," and stack and stack[-1][0] == "a":
+            stack[-1][1] += 1
+    return []
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     """Parse a request body as a JSON object with bounded numbers, depth and valid strings."""
     try:
@@ -92,8 +122,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                          code="invalid_json") from None
     except RecursionError:
-        raise BadRequest(f"request body is nested too deeply (at most {MAX_DEPTH} levels)",
-                         code="invalid_json") from None
+        raise _bad(_too_deep_at(text), f"nested too deeply (at most {MAX_DEPTH} levels)") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     return body
@@ -115,7 +144,7 @@ def check_values(body: dict[str, Any]) -> None:
             raise _bad(path, v.why)
         elif isinstance(v, dict | list):
             if len(path) >= MAX_DEPTH:
-                raise _bad(path, f"nested too deeply (at most {MAX_DEPTH} levels)")
+                raise _bad(path[:1], f"nested too deeply (at most {MAX_DEPTH} levels)")
             items = v.items() if isinstance(v, dict) else enumerate(v)
             for k, item in items:
                 if isinstance(k, str) and not k.isascii():

@@ -79,9 +79,11 @@ async def test_deep_nesting_is_400(make_app, state_dir, depth) -> None:
     for path in SCHEMAS:
         r = await _post(app, path, _raw(BASE[path], "stop", nested))
         assert r.status == 400, path
-        assert "nested too deeply" in _shape(await r.json())["message"]
+        err = _shape(await r.json())
+        assert "nested too deeply" in err["message"] and err["param"] == "stop", err
     r = await _post(app, "/admin/bundles", f'{{"path": {nested}}}'.encode(), admin=True)
-    assert r.status == 400 and "nested too deeply" in _shape(await r.json())["message"]
+    err = _shape(await r.json())
+    assert r.status == 400 and "nested too deeply" in err["message"] and err["param"] == "path"
     r = await _post(app, "/admin/bundles", ("{\"path\": " + '{"a":' * depth + "1" + "}" * depth + "}").encode(),
                     admin=True)
     assert r.status == 400
