@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon.bodies import Precheck, read_json
-from daemon.middleware import PRINCIPAL, error_body
+from daemon.middleware import PRINCIPAL, client_gone, error_body
 from daemon.schemas import CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST
 from daemon.services import SERVICES, Services
 from runtime.errors import AtollError, BadRequest, ContextLengthExceeded, Unavailable
@@ -51,10 +51,6 @@ class Usage:
                 "latency_ms": round((time.perf_counter() - self.t0) * 1000, 2), "ttft_ms": self.ttft_ms,
                 "status": self.status, "http_status": self.http_status,
                 "prompt_text": self.prompt_text, "completion_text": self.completion_text}
-
-
-def _client_gone(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()
 
 
 def _sampling(body: dict[str, Any], n_ctx: int | None, default_max: int | None, cap: int | None) -> dict[str, Any]:
@@ -120,7 +116,7 @@ class Generation:
                     self.usage.prompt_tokens = ev["prompt_tokens"]
                     self.usage.completion_tokens = ev["completion_tokens"]
                 yield ev
-                if _client_gone(self.request):
+                if client_gone(self.request):
                     self.usage.status = "cancelled"
                     self.usage.http_status = 499
                     return

@@ -75,7 +75,7 @@ _ERRORS = {
     "413": "Body over the size limit", "415": "Body not sent as application/json",
     "429": "Queue full, or too many failed authentications from this address; see Retry-After",
     "503": "Model loading, broken or its worker crashed; see Retry-After",
-    "504": "The request passed its deadline",
+    "504": "The request passed its deadline", "507": "The box's disk is full",
 }
 
 

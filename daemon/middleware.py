@@ -49,7 +49,8 @@ def error_response(err: AtollError) -> web.Response:
 _HTTP_EXC: dict[int, type[AtollError]] = {404: NotFound, 413: PayloadTooLarge}
 
 
-def _client_gone(request: web.Request) -> bool:
+def client_gone(request: web.Request) -> bool:
+    """Whether the client of `request` has closed its connection."""
     return request.transport is None or request.transport.is_closing()
 
 
@@ -96,7 +97,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
                     request.method, request.path, request.remote, e)
         return error_response(BadRequest("the request body is incomplete or malformed", code="bad_body"))
     except OSError as e:
-        if isinstance(e, ConnectionError) or _client_gone(request):
+        if isinstance(e, ConnectionError) or client_gone(request):
             limiter.log(logging.INFO, "client-gone", "%s %s from %s: client connection lost (%s)",
                         request.method, request.path, request.remote, type(e).__name__)
             raise
