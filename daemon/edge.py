@@ -78,7 +78,7 @@ class OneLineLogger(logging.LoggerAdapter[logging.Logger]):
         exc = exc_info if isinstance(exc_info, BaseException) else (sys.exc_info()[1] if exc_info else None)
         text = str(msg) % args if args else str(msg)
         if exc is not None:
-            detail = str(exc).splitlines()[0] if str(exc) else ""
+            detail = " ".join(str(exc).split())[:200]  # the limiter writes one line in any case
             text = f"{text}: {type(exc).__name__}{': ' + detail if detail else ''}"
         # A malformed request is the client's fault: a warning, not an error of the daemon.
         self.limiter.log(min(level, logging.WARNING), f"http:{msg}", "%s", text)
@@ -131,6 +131,24 @@ class TokenTouch:
             return False
         self._written[token_id] = now
         return True
+
+
+class JsonErrorsHandler(RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot parse in the documented error shape."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """Log (one line, through OneLineLogger) as aiohttp does, answer JSON instead of text/plain."""
+        super().handle_error(request, status, exc, message)
+        code = "malformed_request" if status == 400 else "internal_error"
+        text = "the request could not be parsed as HTTP" if status == 400 else "internal error"
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        resp = web.json_response({"error": {"message": text, "type": kind, "code": code, "param": None}},
+                                 status=status)
+        resp.force_close()
+        return resp
 
 
 class _Conn(asyncio.Protocol):
@@ -307,7 +325,13 @@ class GuardedSite(web.TCPSite):
         guard = self._runner.app[EDGE].guard
         self._runner._reg_site(self)  # what BaseSite.start does
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Conn(guard, server()), self._host, self._port,
+        # What web.Server.__call__ does, with the handler that answers parse errors in JSON.
+        kwargs = server._kwargs
+
+        def factory() -> _Conn:
+            return _Conn(guard, JsonErrorsHandler(server, loop=loop, **kwargs))
+
+        self._server = await loop.create_server(factory, self._host, self._port,
                                                 backlog=self._backlog, reuse_address=self._reuse_address,
                                                 reuse_port=self._reuse_port)
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port

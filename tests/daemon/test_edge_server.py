@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import subprocess
@@ -197,6 +198,8 @@ async def test_malformed_requests_log_one_line_each_rate_limited(serve, caplog) 
     for i in range(300):
         out = await _raw(srv.port, bad[i % 2])
         assert out.split(b" ", 2)[1] == b"400", out[:80]
+        head, _, payload = out.partition(b"\r\n\r\n")
+        assert b"application/json" in head and json.loads(payload)["error"]["code"] == "malformed_request"
     # clients that leave mid-body
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {srv.user}\r\n"
             "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": ").encode()
@@ -209,7 +212,7 @@ async def test_malformed_requests_log_one_line_each_rate_limited(serve, caplog) 
     assert "Traceback" not in text and "\n  File " not in text
     assert len(records) <= 20, text  # 400 events: at most 5 lines per kind per 10 s
     assert (await srv.get("/healthz"))[0] == 200
-    print(f"\n400 malformed/abandoned requests -> {len(records)} log lines")
+    print(f"\n400 malformed/abandoned requests -> {len(records)} log lines:\n{text}")
 
 
 async def test_failed_authentication_is_throttled_per_address_and_audited(serve) -> None:
