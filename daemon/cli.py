@@ -123,9 +123,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_token_list(args: argparse.Namespace) -> int:
     """atoll token list."""
     rows = list_tokens(StateDB(_settings(args).db_path))
-    print(f"{'NAME':<24} {'ROLE':<6} {'CREATED':<30} {'LAST USED':<30} REVOKED")
+    print(f"{'NAME':<24} {'ROLE':<6} {'CREATED':<30} REVOKED")
     for r in rows:
-        print(f"{r['name']:<24} {r['role']:<6} {r['created']:<30} {r['last_used'] or '-':<30} {r['revoked'] or '-'}")
+        print(f"{r['name']:<24} {r['role']:<6} {r['created']:<30} {r['revoked'] or '-'}")
     return 0
 
 
