@@ -77,7 +77,7 @@ class Settings:
     product: str = _opt("atoll", "product name a bundle's `product` must equal to install here")
     device_class: str = _opt("generic", "this box's device class, matched against a bundle's `compatible` list")
     health_timeout: float = _opt(120.0, "seconds the health check of a new release (each model loaded in a fresh "
-                                 "worker, a smoke prompt) may take before the import is undone", minimum=1)
+                                 "worker, a smoke prompt) may take before the import is undone", minimum=0.1)
     governor: GovernorThresholds = field(default_factory=GovernorThresholds, metadata={
         "help": "thresholds of the thermal/memory governor: a [governor] table in the TOML file only",
         "toml_table": True})

@@ -188,6 +188,7 @@ def cmd_trust_init(args: argparse.Namespace, settings: SettingsLoader) -> int:
             raise TrustError("give --root-key, --bundle-key and --expires (or --from FILE)")
         raw = pretty_json(_root_from_args(args, 1))
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out, raw)
     if args.install:
         _install_root(settings(args).state_dir, raw, args.force)
@@ -201,6 +202,7 @@ def cmd_trust_rotate(args: argparse.Namespace) -> int:
     """Write root N+1 for new keys, signed by --sign keys; report whether old and new thresholds are met."""
     old = parse_root(args.from_file.read_bytes())
     doc = _root_from_args(args, old.version + 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, pretty_json(doc))
     new = parse_root(canonical_json(doc))
     status = {}
