@@ -136,11 +136,11 @@ def check_bundle(path: Path, *, root_path: Path | None = None, state_dir: Path |
             shutil.copyfile(root_path, sd / "trust" / "root.json")
         else:
             sd = state_dir
-        raw = read_capped(find_atoll_dir(path) / "bundle.json", MAX_MANIFEST_BYTES, what="bundle.json")
         try:
             vb = verify_bundle(path, sd, cfg, check_space=state_dir is not None)
         except AlreadyInstalled:
-            m = parse_manifest(raw)
+            m = parse_manifest(read_capped(find_atoll_dir(path) / "bundle.json", MAX_MANIFEST_BYTES,
+                                           what="bundle.json"))
             return CheckReport(m.sequence, m.version, m.root_version, [], len(m.files), m.total_size, True)
         check_contents(vb, state_dir)
     check_not_future(vb.manifest.created, cfg.clock(), cfg.clock_tolerance)
