@@ -38,6 +38,12 @@ def _settings(args: argparse.Namespace) -> config.Settings:
     return config.load(ns)
 
 
+def _box_settings(args: argparse.Namespace) -> sync_cli.BoxSettings:
+    """The sync commands' settings from the one schema: flags > environment > --config file > defaults."""
+    s = config.load(args)
+    return sync_cli.BoxSettings(s.state_dir, s.sync_config())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """atoll serve."""
     from daemon.serve import run
@@ -263,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _state_args(p)
     p.set_defaults(func=cmd_token_revoke)
 
-    sync_cli.register(sub, audit_factory=_cli_audit, health_checks=_cli_health_checks())
+    sync_cli.register(sub, settings=_box_settings, audit_factory=_cli_audit, health_checks=_cli_health_checks())
 
     p = sub.add_parser("status", help="ask the running daemon what it serves")
     p.add_argument("--url", help="daemon URL (default from settings: http://127.0.0.1:8080)")

@@ -21,6 +21,7 @@ from typing import Any
 
 from hardware.governor import GovernorThresholds
 from runtime.errors import BadRequest
+from sync.verify import SyncConfig
 
 
 class ConfigError(BadRequest):
@@ -90,6 +91,11 @@ class Settings:
         90, "days usage records are kept (older ones are deleted hourly); 0 keeps them for ever", minimum=0)
     usb_watch: bool = _opt(True, "watch the media directories for update bundles on USB sticks")
     media_dirs: str = _opt("/media:/run/media", "where USB sticks are mounted, ':'-separated")
+    # -- signed updates: the same for `atoll serve` (USB, upload) and `atoll import`/`rollback`/`bundle`
+    product: str = _opt("atoll", "product name a bundle's `product` must equal to install here")
+    device_class: str = _opt("generic", "this box's device class, matched against a bundle's `compatible` list")
+    health_timeout: float = _opt(120.0, "seconds the health check of a new release (each model loaded in a fresh "
+                                 "worker, a smoke prompt) may take before the import is undone", minimum=0.1)
     governor: GovernorThresholds = field(default_factory=GovernorThresholds, metadata={
         "help": "thresholds of the thermal/memory governor: a [governor] table in the TOML file only",
         "toml_table": True})
@@ -103,6 +109,11 @@ class Settings:
     def db_path(self) -> Path:
         """The SQLite state database."""
         return self.state_dir / "atoll.db"
+
+    def sync_config(self, daemon_version: str | None = None) -> SyncConfig:
+        """The sync config every import path uses (USB, upload, `atoll import`): one source of truth."""
+        cfg = SyncConfig(product=self.product, device_class=self.device_class, health_timeout=self.health_timeout)
+        return cfg if daemon_version is None else dataclasses.replace(cfg, daemon_version=daemon_version)
 
     def url(self) -> str:
         """Base URL for humans: public_url, or built from host and port."""

@@ -39,7 +39,6 @@ from sync.errors import ImportFailed
 from sync.health import DEFAULT_HEALTH_CHECKS
 from sync.policy import Policy
 from sync.state import Release, current_target
-from sync.verify import SyncConfig
 from sync.watch import UsbWatcher
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,7 @@ class Updates:
         self.hardware = hardware
         self.db = db
         self.limits = limits
-        self.manager = SyncManager(settings.state_dir, SyncConfig(daemon_version=version),
+        self.manager = SyncManager(settings.state_dir, settings.sync_config(version),
                                    health_checks=(*DEFAULT_HEALTH_CHECKS, self._health_check), audit=self._audit)
         media = [Path(p) for p in settings.media_dirs.split(":") if p] if settings.usb_watch else []
         self.watcher = UsbWatcher(self._from_usb, media) if media else None

@@ -259,7 +259,7 @@ class SyncManager:
                 self.checkpoint("root_written")
             self._phase("committing")
             committed = replace(st, current=m.sequence, previous=st.current, highest_sequence=m.sequence,
-                                highest_digest=m.digest, newest_created=max(st.newest_created, m.created),
+                                highest_digest=m.digest, newest_created=vb.time_floor,
                                 pending=None)
             await asyncio.to_thread(committed.save, self.state_dir)
             self._undo_file.unlink(missing_ok=True)
