@@ -70,12 +70,16 @@ async def test_constrained_swaps_to_the_smaller_variant_and_limits_concurrency(
 @pytest.mark.parametrize("damage", ["missing", "not-gguf"])
 async def test_variant_missing_or_corrupt_at_swap_time_stays_on_current(
         make_app, state_dir, tmp_path, smollm2_q4_0_path, damage) -> None:
-    app, small = await two_variant_app(make_app, state_dir, tmp_path, smollm2_q4_0_path, [(0, 50), (2, 83)])
+    # damage the blob as soon as the app has started (the store was inspected at bootstrap), not after the model
+    # load: on a slow box the load can outlast the replay's 2 s and the swap would be decided before the damage
+    app, small = await two_variant_app(make_app, state_dir, tmp_path, smollm2_q4_0_path, [(0, 50), (2, 83)],
+                                       wait=False)
     blob = ModelStore(state_dir).blob_path(small.digest)
     if damage == "missing":
         blob.unlink()
     else:
         blob.write_bytes(b"\0" * blob.stat().st_size)
+    await app.wait_ready()
     await wait_for(app, lambda h: h["governor"]["state"] == "constrained")
     # positive signal first: the swap decision ran and re-checked the blob (it marks the variant broken)...
     async with asyncio.timeout(20):
