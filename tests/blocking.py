@@ -63,7 +63,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("sync/watch.py", "start"): "is_dir of each media dir, watchdog schedule (scandir)",
     ("sync/watch.py", "stop"): "watchdog Observer.stop (inotify write, lock)",
     ("sync/watch.py", "_fire"): "is_file of the stick's bundle.json in the debounce callback",
+    ("sync/policy.py", "load_policy"): "reads the release's policy file (from updates.reload)",
+    ("runtime/store.py", "_read_catalog"): "reads catalog.json (from ModelStore.families in the health check)",
     # daemon
+    ("daemon/api_updates.py", "post_bundle"): "writes the uploaded tar body to disk in the handler",
     ("daemon/db.py", "stop"): "ThreadPoolExecutor.shutdown(wait=True) joins the DB thread on the loop",
     ("daemon/api_admin.py", "admin_status"): "psutil.Process(...) reads /proc in the handler",
     # -- test code: deliberate, the fault is injected synchronously at that exact point of the copy ---------------
