@@ -35,7 +35,7 @@ from sync.errors import (
 )
 from sync.fsutil import atomic_write, format_time, fsync_dir
 from sync.health import DEFAULT_HEALTH_CHECKS, HealthCheck
-from sync.recovery import collect_garbage, undo_import
+from sync.recovery import clean_staging, collect_garbage, undo_import
 from sync.state import (
     STATE_FILE,
     Release,
@@ -178,6 +178,8 @@ class SyncManager:
             self.audit("sync.recovered", {"current": st.current})
         if st.current is not None or what:
             collect_garbage(self.state_dir, st, at_startup=True)
+        else:  # no release yet: nothing to collect, but a killed upload or import may have left staging
+            clean_staging(self.state_dir, all_entries=True)
         self._undo_file.unlink(missing_ok=True)
         return what
 
