@@ -109,6 +109,9 @@ class Updates:
         self._seen_current = current_target(settings.state_dir)
         self._poll: asyncio.Task[None] | None = None
         self._background = background
+        #: held while a bundle upload is received and imported: a second upload is refused (409)
+        #: before any of it is written
+        self.uploads = asyncio.Lock()
 
     # -- life cycle ------------------------------------------------------------------------
 
