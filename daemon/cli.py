@@ -24,7 +24,6 @@ from runtime.errors import AtollError
 from runtime.store import ModelStore
 from sync import cli as sync_cli
 from sync.health import DEFAULT_HEALTH_CHECKS, HealthCheck
-from sync.state import Release
 
 
 def _state_args(p: argparse.ArgumentParser) -> None:
@@ -197,19 +196,10 @@ def _cli_audit(state_dir: Path) -> Callable[[str, dict[str, Any]], None]:
 
 
 def _cli_health_checks() -> tuple[HealthCheck, ...]:
-    """The same checks the daemon runs: policy, headers, and each model loaded in a fresh worker."""
+    """The same checks the daemon runs (daemon.smoke): policy, headers, each model that fits loaded."""
+    from daemon.smoke import cli_health_check
 
-    async def smoke(release: Release, store: ModelStore) -> None:
-        from daemon.updates import smoke_test
-        from runtime.worker_client import WorkerSpec
-
-        for fam, variants in store.families(release.families).items():
-            if fam in release.families:
-                for v in variants:
-                    await smoke_test(WorkerSpec(model_path=str(store.blob_path(v.digest)), n_ctx=512,
-                                                embedding=v.task == "embed"), fam)
-
-    return (*DEFAULT_HEALTH_CHECKS, smoke)
+    return (*DEFAULT_HEALTH_CHECKS, cli_health_check(config.Settings()))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,17 +25,15 @@ import psutil
 from daemon.config import Settings
 from daemon.db import StateDB
 from daemon.governance import HardwareControl
+from daemon.smoke import ModelHealthCheck
 from daemon.tasks import Background
 from hardware.governor import GovernorThresholds, State
 from hardware.probe import Snapshot
-from runtime.errors import Unavailable
 from runtime.placement import decide
 from runtime.runner import ModelRunner
 from runtime.scheduler import Scheduler
 from runtime.store import ModelStore, Variant
-from runtime.worker_client import WorkerProcess, WorkerSpec
 from sync.apply import ImportResult, SyncManager
-from sync.errors import ImportFailed
 from sync.health import DEFAULT_HEALTH_CHECKS
 from sync.policy import Policy
 from sync.state import Release, current_target
@@ -67,28 +65,6 @@ def governor_thresholds(base: GovernorThresholds, policy: Policy | None) -> Gove
         ram_critical_available_pct=min(98.0, 100.0 * policy.memory_critical_free_mb / total_mb))
 
 
-async def smoke_test(spec: WorkerSpec, family: str) -> None:
-    """Load a model in a fresh worker and get an answer from it; raise ImportFailed if it cannot."""
-    worker = WorkerProcess(spec)
-    try:
-        try:
-            await worker.start()
-        except Unavailable as e:
-            raise ImportFailed(f"model {family}: {e.message}", code="health_check_failed") from None
-        request = ({"op": "embed", "input": ["health check"]} if spec.embedding else
-                   {"op": "generate", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
-        q = worker.open("smoke", request)
-        while True:
-            ev = await q.get()
-            if ev["ev"] in ("done", "embedding"):
-                return
-            if ev["ev"] in ("error", "crash"):
-                raise ImportFailed(f"model {family} failed its smoke prompt: {ev.get('message') or ev}",
-                                   code="health_check_failed")
-    finally:
-        await worker.stop()
-
-
 class Updates:
     """Imports, rollback, the USB watcher, and applying the current release to the service."""
 
@@ -100,8 +76,10 @@ class Updates:
         self.hardware = hardware
         self.db = db
         self.limits = limits
+        loading = ModelHealthCheck(threads=settings.threads, load_timeout=settings.load_timeout,
+                                   placement=lambda: hardware.policy, snapshot=self._snapshot, record=self._audit)
         self.manager = SyncManager(settings.state_dir, SyncConfig(daemon_version=version),
-                                   health_checks=(*DEFAULT_HEALTH_CHECKS, self._health_check), audit=self._audit)
+                                   health_checks=(*DEFAULT_HEALTH_CHECKS, loading), audit=self._audit)
         media = [Path(p) for p in settings.media_dirs.split(":") if p] if settings.usb_watch else []
         self.watcher = UsbWatcher(self._from_usb, media) if media else None
         self.last_result: dict[str, Any] | None = None
@@ -149,17 +127,8 @@ class Updates:
 
     # -- imports ---------------------------------------------------------------------------
 
-    async def _health_check(self, release: Release, store: ModelStore) -> None:
-        fams = store.families(release.families)
-        for fam, variants in fams.items():
-            if fam not in release.families:
-                continue
-            for v in variants:
-                if v.broken:
-                    raise ImportFailed(f"model {fam}: {v.broken}", code="health_check_failed")
-                await smoke_test(WorkerSpec(model_path=str(store.blob_path(v.digest)), n_ctx=512,
-                                            threads=self.settings.threads, embedding=v.task == "embed",
-                                            load_timeout=self.settings.load_timeout), fam)
+    async def _snapshot(self) -> Snapshot | None:
+        return await self.hardware.prober.snapshot()
 
     async def run_import(self, path: str | os.PathLike[str], *, tar: bool = False) -> ImportResult:
         """Import a bundle (directory or tar) and apply it to the service."""
