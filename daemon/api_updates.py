@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -12,7 +11,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from daemon.middleware import PRINCIPAL
+from daemon.middleware import PRINCIPAL, read_json
+from daemon.schemas import BUNDLE_PATH_REQUEST
 from daemon.services import SERVICES
 from runtime.errors import BadRequest, PayloadTooLarge
 from sync.copy import DISK_FULL_ERRNOS
@@ -50,12 +50,7 @@ async def post_bundle(request: web.Request) -> web.Response:
             finally:
                 await asyncio.to_thread(tmp.close)
     elif ctype == "application/json":
-        try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(body, dict) or not isinstance(body.get("path"), str) or not body["path"]:
-            raise BadRequest("body must be {\"path\": \"/directory/holding/ATOLL\"}", param="path")
+        body = await read_json(request, BUNDLE_PATH_REQUEST)  # the schema /openapi.json documents
         await s.db.run(s.db.audit, who, "bundle.import_path", "ok", path=body["path"])
         result = await s.updates.run_import(body["path"])
     else:

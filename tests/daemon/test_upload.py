@@ -68,3 +68,22 @@ async def test_second_upload_is_refused_before_it_is_written(make_app, provision
     r1 = await first
     assert r1.status == 400 and (await r1.json())["error"]["code"] == "bad_tar"
     assert not list(staging.iterdir())
+
+
+async def test_bundle_path_body_is_checked_against_the_documented_schema(make_app, provisioned: Path) -> None:  # noqa: F811
+    """POST /admin/bundles with JSON accepts exactly what /openapi.json documents for it."""
+    import jsonschema
+
+    app = await make_app()
+    doc = await (await app.client.get("/openapi.json", headers=app.headers())).json()
+    schema = doc["paths"]["/admin/bundles"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator(schema)
+    missing = str(provisioned.parent / "no-such-stick")
+    for body in ({"path": 5}, {"path": ""}, {}, {"path": None}, {"path": ["x"]}, {"path": missing}):
+        r = await app.client.post("/admin/bundles", json=body, headers=app.headers(admin=True))
+        err = (await r.json())["error"]
+        if validator.is_valid(body):
+            assert err["code"] == "not_a_bundle", (body, err)
+        else:
+            assert r.status == 400 and err["code"] == "invalid_value", (body, err)
+            assert "path" in err["message"], err
