@@ -39,20 +39,20 @@ async def post_bundle(request: web.Request) -> web.Response:
         limit = s.settings.max_upload_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"bundle upload is {request.content_length} bytes; the limit is {limit}")
-        uploads = s.updates.uploads
+        uploads = s.updates.imports.uploads
         if uploads.locked() or s.updates.manager.busy:  # refused before a byte of it is written
             raise ImportInProgress("another bundle upload or import is running; try again when it ends")
         async with uploads:
             tmp, size = await _receive(request, s.store.staging_dir, limit)
             try:
                 await s.db.run(s.db.audit, who, "bundle.upload", "ok", bytes=size)
-                result = await s.updates.run_import(tmp.path, tar=True)
+                result = await s.updates.imports.run_import(tmp.path, tar=True)
             finally:
                 await asyncio.to_thread(tmp.close)
     elif ctype == "application/json":
         body = await read_json(request, BUNDLE_PATH_REQUEST)  # the schema /openapi.json documents
         await s.db.run(s.db.audit, who, "bundle.import_path", "ok", path=body["path"])
-        result = await s.updates.run_import(body["path"])
+        result = await s.updates.imports.run_import(body["path"])
     else:
         raise BadRequest(f"send the bundle as application/x-tar, or application/json {{\"path\": ...}}; "
                          f"got {ctype or 'no Content-Type'}", code="unsupported_media_type")
@@ -110,6 +110,6 @@ async def _receive(request: web.Request, staging: Path, limit: int) -> tuple[_Up
 async def post_rollback(request: web.Request) -> web.Response:
     """POST /admin/rollback: return to the previous release."""
     s = request.app[SERVICES]
-    rel = await s.updates.rollback()
+    rel = await s.updates.imports.rollback()
     await s.db.run(s.db.audit, request[PRINCIPAL].name, "release.rollback", "ok", to=rel.sequence)
     return web.json_response({"current": {"sequence": rel.sequence, "version": rel.version}})
