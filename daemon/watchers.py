@@ -4,6 +4,7 @@ failure) and has async start()/stop()."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import datetime as dt
@@ -21,7 +22,7 @@ from sync.watch import UsbWatcher
 log = logging.getLogger(__name__)
 
 
-class _Periodic:
+class _Periodic(abc.ABC):
     """A task that runs `tick()` every `interval` seconds; an error in a tick is logged (once
     while it repeats) and the task goes on."""
 
@@ -32,9 +33,9 @@ class _Periodic:
         self._task: asyncio.Task[None] | None = None
         self._failing: str | None = None
 
+    @abc.abstractmethod
     async def tick(self) -> None:
         """One round of work."""
-        raise NotImplementedError
 
     async def start(self) -> None:
         """Start the task."""

@@ -17,6 +17,7 @@ import pytest
 from runtime.store import ModelStore
 from sync.errors import BundleRejected
 from sync.manifest import MAX_FILE_SIZE
+from sync.recovery import hold_entry
 from sync.state import read_current_release
 from sync.tarball import MAX_MEMBERS, read_bundle_tar
 from tests.sync.conftest import Box
@@ -177,3 +178,17 @@ async def test_staging_left_by_a_killed_import_is_cleaned_at_start(box: Box) -> 
     (staging / "tar-0011" / "bundle.json").write_text("{}")
     box.manager().recover()
     assert list(staging.iterdir()) == []
+
+
+def test_start_up_clean_up_leaves_a_live_upload_alone(installed: Box) -> None:
+    """`atoll import` run while the daemon receives an upload must not delete the upload."""
+    staging = ModelStore(installed.state_dir).staging_dir
+    live = staging / "upload-live.tar"
+    live.write_bytes(b"x" * 1000)
+    dead = staging / "upload-dead.tar"
+    dead.write_bytes(b"y")
+    with hold_entry(live):
+        installed.manager().recover()
+        assert live.exists() and not dead.exists()
+    installed.manager().recover()
+    assert not live.exists()
