@@ -11,10 +11,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from daemon.middleware import PRINCIPAL, read_json
+from daemon.bodies import read_json
+from daemon.middleware import PRINCIPAL
 from daemon.schemas import BUNDLE_PATH_REQUEST
 from daemon.services import SERVICES
-from runtime.errors import BadRequest, PayloadTooLarge
+from runtime.errors import PayloadTooLarge
 from sync.copy import DISK_FULL_ERRNOS
 from sync.errors import ImportFailed, ImportInProgress, InsufficientSpace
 from sync.recovery import hold_entry
@@ -49,13 +50,10 @@ async def post_bundle(request: web.Request) -> web.Response:
                 result = await s.updates.imports.run_import(tmp.path, tar=True)
             finally:
                 await asyncio.to_thread(tmp.close)
-    elif ctype == "application/json":
+    else:  # anything but a tar must be JSON {"path": ...}: 415 otherwise, 400 naming the field if bad
         body = await read_json(request, BUNDLE_PATH_REQUEST)  # the schema /openapi.json documents
         await s.db.run(s.db.audit, who, "bundle.import_path", "ok", path=body["path"])
         result = await s.updates.imports.run_import(body["path"])
-    else:
-        raise BadRequest(f"send the bundle as application/x-tar, or application/json {{\"path\": ...}}; "
-                         f"got {ctype or 'no Content-Type'}", code="unsupported_media_type")
     return web.json_response(result.to_json())
 
 

@@ -70,6 +70,24 @@ class Settings:
     swap_drain_seconds: float = _opt(
         30.0, "seconds a running request may take to finish before a variant swap cancels it", minimum=0)
     max_upload_bytes: int = _opt(64 << 30, "largest bundle accepted by POST /admin/bundles (bytes)", minimum=1)
+    # -- the edge: what one request or one client may cost (see daemon/bodies.py, daemon/server_limits.py)
+    max_messages: int = _opt(1024, "most chat messages one request may hold (also never more than n_ctx)", minimum=1)
+    max_chars_per_token: int = _opt(
+        128, "characters per context token above which a prompt is refused before tokenizing (no served "
+        "vocabulary has a longer token)", minimum=8)
+    header_timeout: float = _opt(15.0, "seconds a client has to send a request's headers, from its first byte",
+                                 minimum=0.1)
+    body_timeout: float = _opt(30.0, "seconds a request body may go without a byte before the connection is "
+                               "closed", minimum=0.1)
+    keepalive_timeout: float = _opt(15.0, "seconds an idle keep-alive connection stays open", minimum=0.1)
+    max_connections: int = _opt(1024, "open client connections at most (more are answered 503 and closed)",
+                                minimum=1)
+    max_connections_per_ip: int = _opt(64, "open client connections per source address at most", minimum=1)
+    auth_failures_allowed: int = _opt(
+        10, "failed authentications a source address may make per auth_window before it gets 429", minimum=1)
+    auth_window: float = _opt(60.0, "seconds over which failed authentications are counted", minimum=1)
+    usage_retention_days: int = _opt(
+        90, "days usage records are kept (older ones are deleted hourly); 0 keeps them for ever", minimum=0)
     usb_watch: bool = _opt(True, "watch the media directories for update bundles on USB sticks")
     media_dirs: str = _opt("/media:/run/media", "where USB sticks are mounted, ':'-separated")
     governor: GovernorThresholds = field(default_factory=GovernorThresholds, metadata={

@@ -15,6 +15,7 @@ from daemon.app import create_app
 from daemon.auth import count_tokens, create_token
 from daemon.config import Settings
 from daemon.db import StateDB
+from daemon.edge import GuardedSite, server_options
 from daemon.services import bootstrap
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ async def serve(settings: Settings) -> None:
     services = bootstrap(settings)
     token = first_start_token(services.db)
     app = create_app(settings, services)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10, **server_options(app))
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = GuardedSite(runner, settings.host, settings.port)
     try:
         await site.start()
     except OSError as e:
