@@ -48,6 +48,9 @@ class BoxSettings:
 
     state_dir: Path
     sync: SyncConfig
+    #: the checks a release must pass before `atoll import`/`rollback` switch to it; None: the
+    #: checks given to register() (atoll's CLI builds them from the same settings)
+    health_checks: Sequence[HealthCheck] | None = None
 
 
 SettingsLoader = Callable[[argparse.Namespace], BoxSettings]
@@ -242,7 +245,7 @@ def _manager(args: argparse.Namespace, settings: SettingsLoader, audit_factory: 
                   f"{p.bytes_done >> 20}/{p.bytes_total >> 20} MiB", end="", file=sys.stderr, flush=True)
 
     mgr = SyncManager(sd, cfg, audit=audit_factory(sd) if audit_factory else None, on_progress=show,
-                      health_checks=health_checks)
+                      health_checks=box.health_checks if box.health_checks is not None else health_checks)
     mgr.recover()
     return mgr
 

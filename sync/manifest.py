@@ -91,11 +91,6 @@ def _digest(v: Any, name: str) -> str:
     return v
 
 
-def version_tuple(v: str) -> tuple[int, ...]:
-    """'0.1.10' -> (0, 1, 10) for comparisons."""
-    return tuple(int(p) for p in v.split("."))
-
-
 def parse_manifest(raw: bytes) -> Manifest:
     """Validate bundle.json bytes (already size-capped) and return the Manifest."""
     if len(raw) > MAX_MANIFEST_BYTES:

@@ -29,11 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 from hardware.gguf import GGUFError, read_gguf
 from runtime.store import COPY_CHUNK, ModelStore
 from sync.errors import AlreadyInstalled, BundleRejected, ImportFailed, InsufficientSpace
 from sync.fsutil import format_time, open_regular, read_capped, strict_json
-from sync.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, parse_manifest, version_tuple
+from sync.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, parse_manifest
 from sync.policy import MAX_POLICY_BYTES, parse_policy
 from sync.roots import MAX_ROOT_BYTES, MAX_ROTATIONS, Root, check_root_expiry, parse_root, walk_chain
 from sync.signatures import parse_signatures, require_threshold
@@ -84,6 +86,23 @@ class VerifiedBundle:
     time_floor: float = 0.0
     #: a root on the chain reset the sequence and time floors
     floors_reset: bool = False
+
+
+def _too_old(minimum: str, daemon: str) -> bool:
+    """PEP 440 comparison, so a daemon built as `0.2.0rc1` or `1.0+site` compares sanely.
+
+    `0+<anything>` is what a source checkout without a release reports: its version is
+    unknown, so the check is skipped (with a warning) rather than refusing every bundle.
+    """
+    try:
+        have = Version(daemon)
+        if have.release == (0,) and have.local:
+            log.warning("daemon version %s is a source build: not checking min_daemon_version %s", daemon, minimum)
+            return False
+        return Version(minimum) > have
+    except InvalidVersion:
+        raise BundleRejected(f"this daemon's version {daemon!r} is not a PEP 440 version, so bundle's "
+                             f"min_daemon_version {minimum} cannot be checked", code="daemon_too_old") from None
 
 
 def find_atoll_dir(path: Path) -> Path:
@@ -141,7 +160,7 @@ def verify_bundle(path: Path, state_dir: Path, config: SyncConfig, *, check_spac
     if "*" not in m.compatible and config.device_class not in m.compatible:
         raise BundleRejected(f"bundle supports {list(m.compatible)}, this box is {config.device_class!r}",
                              code="incompatible_device")
-    if version_tuple(m.min_daemon_version) > version_tuple(config.daemon_version):
+    if _too_old(m.min_daemon_version, config.daemon_version):
         raise BundleRejected(f"bundle needs atoll >= {m.min_daemon_version}, this is {config.daemon_version}",
                              code="daemon_too_old")
     if m.created > m.expires:
