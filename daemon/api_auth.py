@@ -18,8 +18,9 @@ from typing import Any
 from aiohttp import web
 
 from daemon import access, accounts, login, sessions, setup_code
-from daemon.auth import TOKEN_RE, Principal, verify_token
-from daemon.middleware import PRINCIPAL, read_json
+from daemon.auth import Principal
+from daemon.bodies import read_json
+from daemon.middleware import PRINCIPAL, bearer_principal
 from daemon.services import SERVICES, Services
 from runtime.errors import BadRequest, Forbidden, Unauthorized
 
@@ -74,11 +75,9 @@ async def authenticate(request: web.Request) -> Principal:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("send 'Authorization: Bearer <token>' or log in", code="missing_token")
-        principal = await db.run(verify_token, db, token)
-        m = TOKEN_RE.fullmatch(token)
-        if m:
-            await db.run(sec.limiter.admit, db, m.group(1), request.path, src)
-        return Principal(principal.name, principal.role, kind="token")
+        principal = await bearer_principal(request, token)
+        await db.run(sec.limiter.admit, db, principal.token_id, request.path, src)
+        return principal
     secret = request.cookies.get(sessions.COOKIE)
     if secret is None:
         raise Unauthorized("credentials required: an API token (Authorization: Bearer) or a session "
@@ -224,9 +223,9 @@ async def post_password(request: web.Request) -> web.Response:
     change ends every session of the user, this one included, so the page logs in again."""
     s = request.app[SERVICES]
     p = principal_of(request)
+    body = await read_json(request, PASSWORD_CHANGE)
     if p.kind != "session":
         raise BadRequest("an API token has no password; log in as the person", code="not_a_session")
-    body = await read_json(request, PASSWORD_CHANGE)
     new_hash = await hash_new_password(s, body["new_password"], "new_password")
     await login.login(s.db, s.security.throttle, p.name, body["current_password"], source_of(request),
                       s.security.lockout_seconds)  # raises on a wrong password; opens a session we end below

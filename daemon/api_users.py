@@ -10,7 +10,7 @@ from aiohttp import web
 from daemon import accounts, audit, audit_verify
 from daemon.api_auth import Handler, hash_new_password, principal_of, source_of
 from daemon.auth import list_tokens, revoke_token
-from daemon.middleware import read_json
+from daemon.bodies import read_json
 from daemon.services import SERVICES
 from daemon.token_limits import create_limited_token
 from runtime.errors import BadRequest

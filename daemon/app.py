@@ -7,6 +7,9 @@ document cannot describe a route that does not exist or miss one that does.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from daemon import access, api_admin, api_auth, api_openai, api_updates, api_use
 from daemon.access import PUBLIC_PATHS
 from daemon.api_auth import auth_middleware
 from daemon.config import Settings
+from daemon.edge import EDGE, Edge
 from daemon.middleware import errors_middleware
 from daemon.schemas import BUNDLE_PATH_REQUEST, CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST, ERROR_RESPONSE
 from daemon.services import SERVICES, VERSION, Services, package_version
@@ -70,10 +74,11 @@ _ERRORS = {
     "400": "Bad request: the message names the field",
     "401": "Missing, unknown, expired or revoked token or session",
     "403": "The role may not use this route, or a cookie request lacks its CSRF token or is cross-origin",
-    "404": "Unknown model",
-    "413": "Body over the size limit", "429": "Queue full; see Retry-After",
+    "404": "Unknown model", "413": "Body over the size limit", "415": "Body not sent as application/json",
+    "429": "Queue full, too many failed authentications, a token over its rate or quota, or a login "
+           "throttled or locked; see Retry-After",
     "503": "Model loading, broken or its worker crashed; see Retry-After",
-    "504": "The request passed its deadline",
+    "504": "The request passed its deadline", "507": "The box's disk is full",
 }
 
 
@@ -126,6 +131,7 @@ def create_app(settings: Settings, services: Services) -> web.Application:
                           client_max_size=settings.max_body_bytes)
     app[SERVICES] = services
     app[VERSION] = package_version()
+    app[EDGE] = Edge(settings)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
 
@@ -135,4 +141,29 @@ def create_app(settings: Settings, services: Services) -> web.Application:
         await services.stop()
 
     app.cleanup_ctx.append(lifetime)
+    app.cleanup_ctx.append(_usage_retention)
     return app
+
+
+async def _usage_retention(app: web.Application) -> AsyncIterator[None]:
+    """Delete usage records older than `usage_retention_days`, at start and then hourly."""
+    services = app[SERVICES]
+    days = services.settings.usage_retention_days
+
+    async def purge() -> None:
+        while True:
+            cutoff = (dt.datetime.now(dt.UTC) - dt.timedelta(days=days)).isoformat(timespec="milliseconds")
+            try:
+                n = await services.db.run(services.db.purge_usage, cutoff)
+                if n:
+                    log.info("deleted %d usage records older than %d days", n, days)
+            except Exception as e:  # a locked or full database: try again next hour
+                log.warning("usage retention: purge failed: %s", e)
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(purge()) if days else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -16,6 +16,7 @@ from daemon import audit, setup_code, tls
 from daemon.app import create_app
 from daemon.config import Settings
 from daemon.db import StateDB
+from daemon.edge import GuardedSite, server_options
 from daemon.services import bootstrap
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,12 @@ async def serve(settings: Settings) -> None:
         raise SystemExit(f"atoll: not starting: {e.message}") from None
     code = first_start_code(settings, services.db)
     app = create_app(settings, services)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10, **server_options(app))
     await runner.setup()
     info = services.security.tls
-    sites = [web.TCPSite(runner, settings.host, settings.port,
-                         ssl_context=tls.server_context(info) if info else None)]
+    sites = [GuardedSite(runner, settings.host, settings.port, ssl_context=tls.server_context(info) if info else None)]
     if info and settings.http_loopback_port:
-        sites.append(web.TCPSite(runner, "127.0.0.1", settings.http_loopback_port))
+        sites.append(GuardedSite(runner, "127.0.0.1", settings.http_loopback_port))
     for site in sites:
         try:
             await site.start()

@@ -426,4 +426,7 @@ def _worker_error(ev: dict[str, Any]) -> Exception:
         return Unavailable(msg, code="overloaded", retry_after=ev.get("retry_after"))
     if kind in ("unavailable", "crash"):
         return Unavailable(msg)
-    return Unavailable(f"the model failed on this request: {msg}", code="inference_failed")
+    # The worker's own text of an internal failure stays in the log, never on the wire.
+    log.error("worker failed on a request: %s", msg[:500])
+    return Unavailable("the model failed on this request; the daemon log has the details",
+                       code="inference_failed")

@@ -70,8 +70,12 @@ class SecApp:
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every security table (for 'state unchanged' checks)."""
-        return {t: self.rows(f"SELECT * FROM {t}") for t in  # noqa: S608 - fixed table names
-                ("users", "sessions", "tokens", "audit_chain", "audit_anchor")}
+        out = {t: self.rows(f"SELECT * FROM {t}") for t in  # noqa: S608 - fixed table names
+               ("users", "sessions", "audit_chain", "audit_anchor")}
+        # tokens without last_used, which every successful use may touch
+        out["tokens"] = self.rows("SELECT id, name, role, hash, created, revoked, expires, rate_per_minute, "
+                                  "daily_token_quota, created_by FROM tokens")
+        return out
 
 
 @pytest.fixture

@@ -42,8 +42,8 @@ async def test_policy_sets_session_lifetimes_and_audit_retention(sec_app: Any) -
                                          "retention_days = 30\n"
     policy = parse_policy(text.encode())
     assert (policy.session_idle_minutes, policy.session_absolute_hours, policy.audit_retention_days) == (5, 1, 30)
-    a.services.updates.apply_policy(base)
-    a.services.updates.apply_policy(policy)
+    a.services.updates.applier.enforcer.apply(base)
+    a.services.updates.applier.enforcer.apply(policy)
     await a.services.background.drain()
     changes = a.audit("policy.changed")
     assert len(changes) == 2

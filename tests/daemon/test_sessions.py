@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from daemon import accounts
+from daemon.db import now_iso
 from daemon.sessions import COOKIE
 from tests.daemon.conftest import PASSWORD, SecApp
 
@@ -226,7 +227,7 @@ async def test_concurrent_wrong_passwords_still_lock_on_the_sixth(sec_app: Any) 
 async def test_own_usage_shows_only_the_callers_rows(sec_app: Any) -> None:
     a: SecApp = await sec_app()
     a.conn.executemany("INSERT INTO usage (ts, principal, endpoint, model, prompt_tokens, completion_tokens) "
-                       "VALUES ('2026-01-01T00:00:00+00:00', ?, 'chat', 'smollm2', 3, 4)", [("mes",), ("pacs",)])
+                       "VALUES (?, ?, 'chat', 'smollm2', 3, 4)", [(now_iso(), "mes"), (now_iso(), "pacs")])
     h = a.token("mes", "user")
     rows = (await (await a.client.get("/auth/usage", headers=h)).json())["data"]
     assert len(rows) == 1 and rows[0]["prompt_tokens"] == 3 and "principal" not in rows[0]
