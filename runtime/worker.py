@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import IO, Any
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,57 @@ class RequestError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU advertises Intel AMX (read from /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+@contextlib.contextmanager
+def _weight_repacking(enabled: bool) -> Iterator[None]:
+    """Load models with llama.cpp's extra CPU buffer types (weight repacking, AMX) on or off.
+
+    llama-cpp-python's `Llama` does not expose `use_extra_bufts`, so the default model
+    parameters it starts from are wrapped for the duration of the load.
+    """
+    import llama_cpp.llama_cpp as bindings  # the module `Llama` takes its defaults from
+
+    original = bindings.llama_model_default_params
+
+    def params() -> Any:
+        p = original()
+        p.use_extra_bufts = enabled
+        return p
+
+    bindings.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = original
+
+
+def load_llama(model_path: str, **kwargs: Any) -> Any:
+    """`llama_cpp.Llama(model_path, **kwargs)`, safe on AMX CPUs.
+
+    llama.cpp's AMX matrix multiply segfaults on the first prompt on some AMX CPUs
+    (ggml-org/llama.cpp#20824, seen on a Sapphire Rapids VM): there the AMX weight repack
+    is skipped. Everything that loads a model in atoll (worker, tests, benchmarks) loads it here.
+    """
+    import llama_cpp
+
+    repack = not cpu_has_amx()
+    if not repack:
+        log.info("this CPU has AMX: loading without llama.cpp's weight repacking (llama.cpp#20824)")
+    with _weight_repacking(repack):
+        return llama_cpp.Llama(model_path=model_path, **kwargs)
 
 
 class StopScanner:
@@ -92,10 +145,9 @@ class Worker:
             kwargs["embedding"] = True
             if args.pooling == "mean":
                 kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
-        self.llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
-                                   n_threads_batch=args.threads, n_batch=args.n_batch,
-                                   n_gpu_layers=args.n_gpu_layers,
-                                   seed=random.randrange(2**31), verbose=False, **kwargs)
+        self.llm = load_llama(args.model, n_ctx=args.n_ctx, n_threads=args.threads,
+                              n_threads_batch=args.threads, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
+                              seed=random.randrange(2**31), verbose=False, **kwargs)
         self.load_seconds = time.perf_counter() - t0
         self.embedding = bool(args.embedding)
         self.n_ctx = self.llm.n_ctx()
