@@ -18,6 +18,7 @@ import argparse
 import codecs
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import queue
@@ -328,12 +329,24 @@ class Worker:
         self.send(p.Embedding(id=rid, data=vectors, prompt_tokens=sum(counts)))
 
 
+def _line_id(line: bytes) -> str | None:
+    """The request id of a line that is JSON but not a valid request, if it has one."""
+    try:
+        rid = json.loads(line).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return rid if isinstance(rid, str) else None
+
+
 def _reader(worker: Worker, jobs: queue.Queue[p.Generate | p.Embed | None]) -> None:
     for line in sys.stdin.buffer:
         try:
             req = p.decode_request(line)
         except p.ProtocolError as e:
-            log.error("ignoring a request line that is not valid (%s): %r", e, line[:200])
+            log.error("refusing a request line that is not valid (%s): %r", e, line[:200])
+            rid = _line_id(line)
+            if rid is not None:  # answer it, so its request does not wait for its deadline
+                worker.send(p.Error(id=rid, kind="internal", message="the worker could not read this request"))
             continue
         if isinstance(req, p.Cancel):
             with worker.lock:
