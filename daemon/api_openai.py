@@ -248,9 +248,9 @@ async def _stream(gen: Generation, job: Job, *, chat: bool) -> web.StreamRespons
         if resp is None:
             raise
         gen.finish(e)
-        # The stream ends properly: the error as an event, then the end marker, then the chunked end.
+        # The stream ends properly: the error as its last event (no [DONE]: it did not complete),
+        # then the chunked end.
         await resp.write(b"data: " + json.dumps(error_body(e)).encode() + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
     except (ConnectionResetError, OSError) as e:

@@ -57,8 +57,8 @@ async def drain_for_shutdown(services: Services, settings: Settings) -> None:
 
     No queued request is started any more; each gets 503 `shutting_down` with Retry-After,
     and so does every new request; running generations get `shutdown_drain_seconds` to
-    finish, after which they are cancelled and their streams end with an error event and
-    `data: [DONE]`. Only then does aiohttp close the connections (responses are complete).
+    finish, after which they are cancelled and their streams end with an error event.
+    Only then does aiohttp close the connections (responses are complete).
     """
     await services.scheduler.shutdown(settings.shutdown_drain_seconds, SHUTDOWN_RETRY_AFTER)
 
