@@ -16,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.middleware import PRINCIPAL, error_body, read_json
+from daemon.bodies import Precheck, read_json
+from daemon.middleware import PRINCIPAL, client_gone, error_body
 from daemon.schemas import CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST
 from daemon.services import SERVICES, Services
 from runtime import protocol as p
@@ -53,10 +54,6 @@ class Usage:
                 "prompt_text": self.prompt_text, "completion_text": self.completion_text}
 
 
-def _client_gone(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()
-
-
 def _sampling(body: dict[str, Any], n_ctx: int | None, default_max: int | None, cap: int | None) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max
     if n_ctx is not None and max_tokens is not None and max_tokens >= n_ctx:
@@ -66,8 +63,10 @@ def _sampling(body: dict[str, Any], n_ctx: int | None, default_max: int | None, 
         raise BadRequest(f"max_tokens {max_tokens} is over the site policy's limit of {cap}", param="max_tokens",
                          code="policy_limit")
     stop = body.get("stop")
-    return {"max_tokens": max_tokens, "max_tokens_cap": cap, "temperature": body.get("temperature", 1.0),
-            "top_p": body.get("top_p", 1.0), "seed": body.get("seed"),
+    temperature, top_p = body.get("temperature"), body.get("top_p")
+    return {"max_tokens": max_tokens, "max_tokens_cap": cap,
+            "temperature": 1.0 if temperature is None else temperature,
+            "top_p": 1.0 if top_p is None else top_p, "seed": body.get("seed"),
             "stop": [stop] if isinstance(stop, str) else list(stop or [])}
 
 
@@ -107,7 +106,7 @@ class Generation:
     async def events(self, job: Job) -> AsyncGenerator[p.Event]:
         """The job's events, with usage filled in; stops (cancelling the job) if the client leaves,
         even while the job is still queued (then it raises ClientGone, a ConnectionResetError)."""
-        async with contextlib.aclosing(self.runner.stream(job, lambda: _client_gone(self.request))) as stream:
+        async with contextlib.aclosing(self.runner.stream(job, lambda: client_gone(self.request))) as stream:
             async for ev in stream:
                 if isinstance(ev, p.Start):
                     self.usage.prompt_tokens = ev.prompt_tokens
@@ -118,7 +117,7 @@ class Generation:
                     self.usage.prompt_tokens = ev.prompt_tokens
                     self.usage.completion_tokens = ev.completion_tokens
                 yield ev
-                if _client_gone(self.request):
+                if client_gone(self.request):
                     self.usage.status = "cancelled"
                     self.usage.http_status = 499
                     return
@@ -162,9 +161,52 @@ def _messages(body: dict[str, Any]) -> list[p.Message]:
     return out
 
 
+def _texts(value: Any) -> list[str]:
+    """The strings of a prompt, an input or a message content (the shapes the schemas allow)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, dict) and isinstance(item.get("text"), str):
+                out.append(item["text"])
+        return out
+    return []
+
+
+def work_bound(services: Services, field_name: str) -> Precheck:
+    """A cheap check, before validating or tokenizing, that the prompt could fit the context window.
+
+    No token in any vocabulary atoll serves is longer than `max_chars_per_token` characters and
+    every chat message costs at least one token, so a prompt with more characters than
+    n_ctx * max_chars_per_token, or more messages than n_ctx (or `max_messages`), cannot fit:
+    it is refused at once instead of occupying the model's worker.
+    """
+    n_ctx = services.scheduler.config.n_ctx
+    max_chars = n_ctx * services.settings.max_chars_per_token
+
+    def check(body: dict[str, Any]) -> None:
+        value = body.get(field_name)
+        if field_name == "messages" and isinstance(value, list):
+            limit = min(n_ctx, services.settings.max_messages)
+            if len(value) > limit:
+                raise BadRequest(f"messages: {len(value)} messages are more than the limit of {limit}",
+                                 param="messages", code="too_many_messages")
+            texts = [t for m in value if isinstance(m, dict) for t in _texts(m.get("content"))]
+        else:
+            texts = _texts(value)
+        chars = sum(len(t) for t in texts)
+        if chars > max_chars:
+            raise ContextLengthExceeded(f"{field_name}: {chars} characters cannot fit the context window of "
+                                        f"{n_ctx} tokens", param=field_name)
+    return check
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions."""
-    body = await read_json(request, CHAT_REQUEST)
+    body = await read_json(request, CHAT_REQUEST, work_bound(request.app[SERVICES], "messages"))
     gen = Generation(request, "chat", body)
     return await _respond(gen, chat=True, build=lambda: p.Generate(
         messages=_messages(body), **_sampling(body, gen.n_ctx(), None, gen.services.limits.max_tokens)))
@@ -172,7 +214,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions."""
-    body = await read_json(request, COMPLETION_REQUEST)
+    body = await read_json(request, COMPLETION_REQUEST, work_bound(request.app[SERVICES], "prompt"))
     gen = Generation(request, "completions", body)
     return await _respond(gen, chat=False, build=lambda: p.Generate(
         prompt=body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0],
@@ -266,7 +308,7 @@ async def _stream(gen: Generation, job: Job, *, chat: bool) -> web.StreamRespons
 
 async def embeddings(request: web.Request) -> web.Response:
     """POST /v1/embeddings."""
-    body = await read_json(request, EMBEDDING_REQUEST)
+    body = await read_json(request, EMBEDDING_REQUEST, work_bound(request.app[SERVICES], "input"))
     gen = Generation(request, "embeddings", body)
     try:
         if gen.runner.variant.task != "embed":

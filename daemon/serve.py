@@ -15,6 +15,7 @@ from daemon.app import create_app
 from daemon.auth import count_tokens, create_token
 from daemon.config import Settings
 from daemon.db import StateDB
+from daemon.edge import GuardedSite, server_options
 from daemon.services import Services, bootstrap
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def app_runner(app: web.Application) -> web.AppRunner:
     servers; its test server does cancel them): a request notices the disconnect itself,
     including while it waits in a model's queue (runtime.runner.ModelRunner.stream).
     """
-    return web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
+    return web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10, **server_options(app))
 
 
 async def drain_for_shutdown(services: Services, settings: Settings) -> None:
@@ -70,7 +71,7 @@ async def serve(settings: Settings) -> None:
     app = create_app(settings, services)
     runner = app_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = GuardedSite(runner, settings.host, settings.port)
     try:
         await site.start()
     except OSError as e:

@@ -62,6 +62,18 @@ class PayloadTooLarge(AtollError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
 
+class UnsupportedMediaType(AtollError):
+    """The body is not sent as the media type the route takes (JSON routes: application/json)."""
+
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
+class TooManyFailedLogins(AtollError):
+    """Too many failed authentications from this address; retry after `retry_after` seconds."""
+
+    status, type, code = 429, "rate_limit_error", "too_many_failed_auth"
+
+
 class QueueFull(AtollError):
     """The model's queue is full; the client should retry after `retry_after` seconds."""
 
@@ -79,6 +91,12 @@ class WorkerCrashed(Unavailable):
     """The worker process running the request died; it is being restarted."""
 
     code = "worker_crashed"
+
+
+class InsufficientStorage(AtollError):
+    """The daemon ran out of disk space (or quota) while handling the request."""
+
+    status, type, code = 507, "server_error", "insufficient_storage"
 
 
 class DeadlineExceeded(AtollError):

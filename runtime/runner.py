@@ -453,4 +453,5 @@ def _worker_error(ev: p.Error) -> Exception:
     if kind == "unavailable":
         return Unavailable(msg, retry_after=ev.retry_after)
     # "internal": the worker logged the details; its message is a fixed sentence, never exception text.
-    return Unavailable(msg, code="inference_failed", retry_after=1)
+    return Unavailable("the model failed on this request; the daemon log has the details",
+                       code="inference_failed", retry_after=1)

@@ -20,11 +20,21 @@ from daemon.auth import create_token
 from daemon.config import Settings
 from daemon.services import bootstrap
 from runtime.store import ModelStore
+from tests.blocking import Detections, detector
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("ATOLL_MODELS_DIR", ROOT / ".cache" / "models"))
 SMOLLM2 = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = MODELS_DIR / "gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[Detections]:
+    """Fail the test when product code blocks a running event loop (see tests/blocking.py)."""
+    with detector() as seen:
+        yield seen
+    if seen.sites:
+        pytest.fail("blocking call(s) on the event loop:\n" + "\n".join(dict.fromkeys(seen.sites)), pytrace=False)
 
 
 def _need(path: Path) -> Path:
