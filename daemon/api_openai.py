@@ -11,7 +11,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from daemon.bodies import Precheck, read_json
 from daemon.middleware import PRINCIPAL, client_gone, error_body
 from daemon.schemas import CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST
 from daemon.services import SERVICES, Services
+from runtime import protocol as p
 from runtime.errors import AtollError, BadRequest, ContextLengthExceeded, Unavailable
 from runtime.scheduler import Job, ModelRunner
 
@@ -91,30 +92,30 @@ class Generation:
 
     def n_ctx(self) -> int | None:
         """The loaded model's context window, if it is loaded."""
-        info = self.runner.worker.ready_info if self.runner.worker else {}
-        n = info.get("n_ctx")
-        return int(n) if n else None
+        info = self.runner.worker.ready_info if self.runner.worker else None
+        return info.n_ctx if info else None
 
-    def submit(self, worker_request: dict[str, Any]) -> Job:
+    def submit(self, worker_request: p.Generate | p.Embed) -> Job:
         """Queue the request (raises 429/503 as the runner decides)."""
-        if self.services.limits.log_prompts:
-            self.usage.prompt_text = json.dumps(worker_request.get("messages") or worker_request.get("prompt"))
+        if self.services.limits.log_prompts and isinstance(worker_request, p.Generate):
+            self.usage.prompt_text = json.dumps([asdict(m) for m in worker_request.messages]
+                                                if worker_request.messages is not None else worker_request.prompt)
         self.job = self.runner.submit(worker_request)
         return self.job
 
-    async def events(self, job: Job) -> AsyncGenerator[dict[str, Any]]:
-        """The job's events, with usage filled in; stops (cancelling the job) if the client leaves."""
-        async with contextlib.aclosing(self.runner.stream(job)) as stream:
+    async def events(self, job: Job) -> AsyncGenerator[p.Event]:
+        """The job's events, with usage filled in; stops (cancelling the job) if the client leaves,
+        even while the job is still queued (then it raises ClientGone, a ConnectionResetError)."""
+        async with contextlib.aclosing(self.runner.stream(job, lambda: client_gone(self.request))) as stream:
             async for ev in stream:
-                kind = ev["ev"]
-                if kind == "start":
-                    self.usage.prompt_tokens = ev["prompt_tokens"]
+                if isinstance(ev, p.Start):
+                    self.usage.prompt_tokens = ev.prompt_tokens
                     self.usage.ttft_ms = round((time.perf_counter() - self.usage.t0) * 1000, 2)
-                elif kind == "text":
-                    self.text.append(ev["text"])
-                elif kind == "done":
-                    self.usage.prompt_tokens = ev["prompt_tokens"]
-                    self.usage.completion_tokens = ev["completion_tokens"]
+                elif isinstance(ev, p.Text):
+                    self.text.append(ev.text)
+                elif isinstance(ev, p.Done):
+                    self.usage.prompt_tokens = ev.prompt_tokens
+                    self.usage.completion_tokens = ev.completion_tokens
                 yield ev
                 if client_gone(self.request):
                     self.usage.status = "cancelled"
@@ -142,21 +143,21 @@ class Generation:
                     await job.finished.wait()
         if job is not None and job.digest:
             row["digest"] = job.digest
-        if job is not None and job.final and job.final.get("ev") == "done":
-            row["completion_tokens"] = job.final["completion_tokens"]
-            row["prompt_tokens"] = job.final["prompt_tokens"]
+        if job is not None and isinstance(job.final, p.Done):
+            row["completion_tokens"] = job.final.completion_tokens
+            row["prompt_tokens"] = job.final.prompt_tokens
         db = self.services.db
         await db.run(db.record_usage, row)
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any]) -> list[p.Message]:
     out = []
     for m in body["messages"]:
         content = m["content"]
         if isinstance(content, list):
             content = "".join(part["text"] for part in content)
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        out.append(p.Message(role=role, content=content))
     return out
 
 
@@ -207,22 +208,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions."""
     body = await read_json(request, CHAT_REQUEST, work_bound(request.app[SERVICES], "messages"))
     gen = Generation(request, "chat", body)
-    return await _respond(gen, chat=True, build=lambda: {
-        "op": "generate", "messages": _messages(body),
-        **_sampling(body, gen.n_ctx(), None, gen.services.limits.max_tokens)})
+    return await _respond(gen, chat=True, build=lambda: p.Generate(
+        messages=_messages(body), **_sampling(body, gen.n_ctx(), None, gen.services.limits.max_tokens)))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions."""
     body = await read_json(request, COMPLETION_REQUEST, work_bound(request.app[SERVICES], "prompt"))
     gen = Generation(request, "completions", body)
-    return await _respond(gen, chat=False, build=lambda: {
-        "op": "generate", "prompt": body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0],
+    return await _respond(gen, chat=False, build=lambda: p.Generate(
+        prompt=body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0],
         **_sampling(body, gen.n_ctx(), gen.services.settings.completion_max_tokens_default,
-                    gen.services.limits.max_tokens)})
+                    gen.services.limits.max_tokens)))
 
 
-async def _respond(gen: Generation, *, chat: bool, build: Callable[[], dict[str, Any]]) -> web.StreamResponse:
+async def _respond(gen: Generation, *, chat: bool, build: Callable[[], p.Generate]) -> web.StreamResponse:
     """Run a generation and answer it whole or streamed; usage is recorded either way."""
     try:
         job = gen.submit(build())
@@ -230,8 +230,8 @@ async def _respond(gen: Generation, *, chat: bool, build: Callable[[], dict[str,
             return await _stream(gen, job, chat=chat)
         fin = "stop"
         async for ev in gen.events(job):
-            if ev["ev"] == "done":
-                fin = ev["finish_reason"]
+            if isinstance(ev, p.Done):
+                fin = ev.finish_reason
         gen.finish()
         text = "".join(gen.text)
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": fin}
@@ -270,17 +270,16 @@ async def _stream(gen: Generation, job: Job, *, chat: bool) -> web.StreamRespons
     try:
         async with contextlib.aclosing(gen.events(job)) as events:
             async for ev in events:
-                kind = ev["ev"]
-                if kind == "start":
+                if isinstance(ev, p.Start):
                     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                        "Cache-Control": "no-cache"})
                     await resp.prepare(request)
                     if chat:
                         await resp.write(chunk({"role": "assistant", "content": ""}))
-                elif kind == "text" and resp is not None:
-                    await resp.write(chunk({"content": ev["text"]}, text=ev["text"]))
-                elif kind == "done" and resp is not None:
-                    fin = ev["finish_reason"]
+                elif isinstance(ev, p.Text) and resp is not None:
+                    await resp.write(chunk({"content": ev.text}, text=ev.text))
+                elif isinstance(ev, p.Done) and resp is not None:
+                    fin = ev.finish_reason
                     await resp.write(chunk({}, finish=fin if fin != "cancelled" else "stop"))
                     if include_usage:
                         payload = {"id": gen.id, "object": obj, "created": gen.created,
@@ -291,7 +290,10 @@ async def _stream(gen: Generation, job: Job, *, chat: bool) -> web.StreamRespons
         if resp is None:
             raise
         gen.finish(e)
+        # The stream ends properly: the error as its last event (no [DONE]: it did not complete),
+        # then the chunked end.
         await resp.write(b"data: " + json.dumps(error_body(e)).encode() + b"\n\n")
+        await resp.write_eof()
         return resp
     except (ConnectionResetError, OSError) as e:
         gen.usage.status, gen.usage.http_status = "cancelled", 499
@@ -314,12 +316,12 @@ async def embeddings(request: web.Request) -> web.Response:
                              f"generation (add an embedding model, or one with --task embed)",
                              param="model", code="embeddings_not_supported")
         inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
-        job = gen.submit({"op": "embed", "input": inputs})
+        job = gen.submit(p.Embed(input=inputs))
         data: list[list[float]] = []
         async for ev in gen.events(job):
-            if ev["ev"] == "embedding":
-                data = ev["data"]
-                gen.usage.prompt_tokens = ev["prompt_tokens"]
+            if isinstance(ev, p.Embedding):
+                data = ev.data
+                gen.usage.prompt_tokens = ev.prompt_tokens
         gen.finish()
         encode: Any = _b64_floats if body.get("encoding_format") == "base64" else list
         return web.json_response({

@@ -70,6 +70,9 @@ class Settings:
         minimum=0)
     swap_drain_seconds: float = _opt(
         30.0, "seconds a running request may take to finish before a variant swap cancels it", minimum=0)
+    shutdown_drain_seconds: float = _opt(
+        10.0, "on SIGTERM, seconds running requests get to finish before their streams end with an error "
+        "(keep it under the unit's TimeoutStopSec)", minimum=0)
     max_upload_bytes: int = _opt(64 << 30, "largest bundle accepted by POST /admin/bundles (bytes)", minimum=1)
     # -- the edge: what one request or one client may cost (see daemon/bodies.py, daemon/server_limits.py)
     max_messages: int = _opt(1024, "most chat messages one request may hold (also never more than n_ctx)", minimum=1)

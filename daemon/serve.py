@@ -17,9 +17,12 @@ from daemon.app import create_app
 from daemon.config import Settings
 from daemon.db import StateDB
 from daemon.edge import GuardedSite, server_options
-from daemon.services import bootstrap
+from daemon.services import Services, bootstrap
 
 log = logging.getLogger(__name__)
+
+#: Retry-After (seconds) given to requests refused while the daemon stops (systemd restarts it in seconds).
+SHUTDOWN_RETRY_AFTER = 30.0
 
 
 def sd_notify(message: str) -> None:
@@ -56,6 +59,27 @@ def check_tls(settings: Settings, db: StateDB) -> tls.TlsInfo | None:
     return info
 
 
+def app_runner(app: web.Application) -> web.AppRunner:
+    """How `atoll serve` runs the app (tests that depend on it use the same).
+
+    Handlers are not cancelled when their client disconnects (aiohttp's default for
+    servers; its test server does cancel them): a request notices the disconnect itself,
+    including while it waits in a model's queue (runtime.runner.ModelRunner.stream).
+    """
+    return web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10, **server_options(app))
+
+
+async def drain_for_shutdown(services: Services, settings: Settings) -> None:
+    """The first step of a clean stop (SIGTERM), before the HTTP server and the services stop.
+
+    No queued request is started any more; each gets 503 `shutting_down` with Retry-After,
+    and so does every new request; running generations get `shutdown_drain_seconds` to
+    finish, after which they are cancelled and their streams end with an error event.
+    Only then does aiohttp close the connections (responses are complete).
+    """
+    await services.scheduler.shutdown(settings.shutdown_drain_seconds, SHUTDOWN_RETRY_AFTER)
+
+
 async def serve(settings: Settings) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     services = bootstrap(settings)
@@ -65,7 +89,7 @@ async def serve(settings: Settings) -> None:
         raise SystemExit(f"atoll: not starting: {e.message}") from None
     code = first_start_code(settings, services.db)
     app = create_app(settings, services)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10, **server_options(app))
+    runner = app_runner(app)
     await runner.setup()
     info = services.security.tls
     sites = [GuardedSite(runner, settings.host, settings.port, ssl_context=tls.server_context(info) if info else None)]
@@ -97,8 +121,9 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("atoll stopping: draining requests")
+    log.info("atoll stopping: draining requests (up to %.0f s)", settings.shutdown_drain_seconds)
     sd_notify("STOPPING=1")
+    await drain_for_shutdown(services, settings)
     await runner.cleanup()
     log.info("atoll stopped")
 

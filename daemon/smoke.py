@@ -24,6 +24,7 @@ from daemon.config import Settings
 from daemon.governance import make_source, placement_policy
 from hardware.governor import State
 from hardware.probe import Prober, Snapshot
+from runtime import protocol as p
 from runtime.errors import Unavailable
 from runtime.placement import PlacementPolicy, decide
 from runtime.store import ModelStore
@@ -46,16 +47,16 @@ async def smoke_test(spec: WorkerSpec, family: str) -> None:
             await worker.start()
         except Unavailable as e:
             raise ImportFailed(f"model {family}: {e.message}", code="health_check_failed") from None
-        request = ({"op": "embed", "input": ["health check"]} if spec.embedding else
-                   {"op": "generate", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        request = (p.Embed(input=["health check"]) if spec.embedding else
+                   p.Generate(prompt="Hello", max_tokens=4, temperature=0))
         q = worker.open("smoke", request)
         while True:
             ev = await q.get()
-            if ev["ev"] in ("done", "embedding"):
+            if isinstance(ev, p.Done | p.Embedding):
                 return
-            if ev["ev"] in ("error", "crash"):
-                raise ImportFailed(f"model {family} failed its smoke prompt: {ev.get('message') or ev}",
-                                   code="health_check_failed")
+            if isinstance(ev, p.Error | p.Crash):
+                raise ImportFailed(f"model {family} failed its smoke prompt: "
+                                   f"{ev.message if isinstance(ev, p.Error) else ev}", code="health_check_failed")
     finally:
         await worker.stop()
 

@@ -13,6 +13,8 @@ class AtollError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
+    #: Retry-After (seconds) when the raiser gives none; every 503 has one.
+    default_retry_after: float | None = None
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
                  retry_after: float | None = None) -> None:
@@ -21,7 +23,7 @@ class AtollError(Exception):
         if code is not None:
             self.code = code
         self.param = param
-        self.retry_after = retry_after
+        self.retry_after = retry_after if retry_after is not None else self.default_retry_after
 
 
 class BadRequest(AtollError):
@@ -79,9 +81,10 @@ class QueueFull(AtollError):
 
 
 class Unavailable(AtollError):
-    """The service cannot answer right now (loading, broken model, crashed worker)."""
+    """The service cannot answer right now (loading, broken model, crashed worker, shutting down)."""
 
     status, type, code = 503, "server_error", "unavailable"
+    default_retry_after = 5.0
 
 
 class WorkerCrashed(Unavailable):

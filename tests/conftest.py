@@ -151,8 +151,8 @@ async def make_app(aiohttp_client: Any, state_dir: Path) -> AsyncIterator[Callab
 @pytest.fixture
 def direct_llama(smollm2_path: Path) -> Iterator[Any]:
     """llama-cpp-python called directly in this process, same model and threads as the workers."""
-    from llama_cpp import Llama
+    from runtime.worker import load_llama
 
-    llm = Llama(model_path=str(smollm2_path), n_ctx=512, n_threads=2, verbose=False)
+    llm = load_llama(str(smollm2_path), n_ctx=512, n_threads=2, verbose=False)
     yield llm
     llm.close()

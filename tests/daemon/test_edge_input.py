@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from daemon.schemas import ACCEPTED_IGNORED, CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST, NOT_IMPLEMENTED
+from runtime import protocol as p
 from runtime.runner import _worker_error
 from tests.conftest import snapshot_tree
 
@@ -198,7 +199,7 @@ async def test_empty_prompt_and_lone_surrogates_are_400(make_app, state_dir, pat
 
 
 def test_worker_failure_text_never_reaches_the_client() -> None:
-    err = _worker_error({"ev": "error", "kind": "internal", "message": "AssertionError: n_tokens <= n_batch"})
+    err = _worker_error(p.Error(id="j1", kind="internal", message="AssertionError: n_tokens <= n_batch"))
     assert "AssertionError" not in err.message and "n_batch" not in err.message  # type: ignore[attr-defined]
     assert err.code == "inference_failed"  # type: ignore[attr-defined]
 
