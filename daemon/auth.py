@@ -89,8 +89,3 @@ def revoke_token(db: StateDB, name: str, by: str = "local-admin") -> None:
     if not row[0]:
         db.db.execute("UPDATE tokens SET revoked = ? WHERE name = ?", [now_iso(), name])
         db.audit(by, "token.revoke", name=name)
-
-
-def count_tokens(db: StateDB) -> int:
-    """Number of tokens ever created (revoked included)."""
-    return int(db.db.execute("SELECT count(*) FROM tokens").fetchone()[0])
