@@ -55,8 +55,23 @@ def _refused(names: tuple[str, ...]) -> dict[str, Any]:
                                   f" accepted"} for name in names}
 
 
+#: The JSON type OpenAI's API gives each accepted-and-ignored field: ignored, but still checked,
+#: so a wrong type is a 400 naming the field as it would be at OpenAI.
+_IGNORED_TYPES: dict[str, dict[str, Any]] = {
+    "user": {"type": "string", "maxLength": 256},
+    "metadata": {"type": ["object", "null"], "maxProperties": 16,
+                 "additionalProperties": {"type": "string", "maxLength": 512}},
+    "store": {"type": ["boolean", "null"]},
+    "service_tier": {"type": ["string", "null"], "maxLength": 64},
+    "parallel_tool_calls": {"type": ["boolean", "null"]},
+    "prompt_cache_key": {"type": "string", "maxLength": 256},
+    "safety_identifier": {"type": "string", "maxLength": 256},
+}
+
+
 def _ignored(names: tuple[str, ...]) -> dict[str, Any]:
-    return {name: {"description": f"accepted and ignored: {ACCEPTED_IGNORED[name]}"} for name in names}
+    return {name: {**_IGNORED_TYPES[name], "description": f"accepted and ignored: {ACCEPTED_IGNORED[name]}"}
+            for name in names}
 
 
 _IGNORED_ALL = tuple(ACCEPTED_IGNORED)

@@ -96,7 +96,7 @@ class WorkerCrashed(Unavailable):
 class InsufficientStorage(AtollError):
     """The daemon ran out of disk space (or quota) while handling the request."""
 
-    status, type, code = 507, "server_error", "insufficient_storage"
+    status, type, code = 507, "server_error", "insufficient_space"  # the same code as sync's refusal
 
 
 class DeadlineExceeded(AtollError):

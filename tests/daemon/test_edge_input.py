@@ -240,32 +240,24 @@ async def test_127094_empty_messages_are_refused_fast_and_healthz_answers_meanwh
 async def test_disk_full_during_an_upload_is_507_in_the_error_shape(make_app, state_dir, monkeypatch) -> None:
     app = await make_app()
     before = snapshot_tree(state_dir)
-    real_fdopen = os.fdopen
+    real_write = os.write
+    writes = {"staging": 0}
 
-    class FullDisk:
-        """A file whose second write fails as a full disk does (the OS boundary)."""
-
-        def __init__(self, f: Any) -> None:
-            self.f, self.n = f, 0
-
-        def write(self, b: bytes) -> int:
-            self.n += 1
-            if self.n > 1:
+    def full_disk(fd: int, data: Any) -> int:
+        """The OS boundary: writes into the state dir's staging fail as a full disk does, after the first."""
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(state_dir / "staging")):
+            writes["staging"] += 1
+            if writes["staging"] > 1:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return int(self.f.write(b))
+        return real_write(fd, data)
 
-        def __enter__(self) -> FullDisk:
-            return self
-
-        def __exit__(self, *a: Any) -> None:
-            self.f.close()
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: FullDisk(real_fdopen(fd, mode, *a, **k)))
+    monkeypatch.setattr(os, "write", full_disk)
     data = os.urandom(3 << 20)
     r = await app.client.post("/admin/bundles", data=data,
                               headers={**app.headers(admin=True), "Content-Type": "application/x-tar"})
     err = _shape(await r.json())
-    assert r.status == 507 and err["code"] == "insufficient_storage", err
+    assert r.status == 507 and err["code"] == "insufficient_space", err
+    assert writes["staging"] > 1  # the upload really hit the full disk
     monkeypatch.undo()
 
     def no_temp(*a: Any, **k: Any) -> Any:
