@@ -9,7 +9,7 @@ import psutil
 from aiohttp import web
 
 from daemon.services import SERVICES, VERSION
-from runtime.errors import BadRequest
+from runtime.errors import BadRequest, Unavailable
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -18,12 +18,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: 200 once a model is loaded and answering, 503 while none is."""
+    """GET /readyz: 200 once a model is loaded and answering, 503 (with Retry-After, as every 503) while none is."""
     sched = request.app[SERVICES].scheduler
     models = {name: r.state for name, r in sched.runners.items()}
     ready = sched.any_ready()
+    headers = None if ready else {"Retry-After": str(int(Unavailable.default_retry_after or 5))}
     return web.json_response({"status": "ready" if ready else "not ready", "models": models},
-                             status=200 if ready else 503)
+                             status=200 if ready else 503, headers=headers)
 
 
 async def admin_status(request: web.Request) -> web.Response:

@@ -96,7 +96,7 @@ def openapi_document(app_version: str) -> dict[str, Any]:
         else:
             op["security"] = []
             if r.path == "/readyz":
-                op["responses"]["503"] = {"description": "No model loaded yet"}
+                op["responses"]["503"] = {"description": "No model loaded yet; see Retry-After"}
         if r.request_schema:
             op["requestBody"] = {"required": True,
                                  "content": {"application/json": {"schema": r.request_schema}}}
