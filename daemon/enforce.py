@@ -1,4 +1,5 @@
-"""Putting a signed policy in force: request limits, queue size, context cap, governor thresholds.
+"""Putting a signed policy in force: request limits, queue size, context cap, governor thresholds,
+usage and prompt retention.
 
 The one place that changes the running parts' knobs when a policy arrives or goes; the
 parts read them on each use (scheduler config, placement policy, governor thresholds).
@@ -27,6 +28,8 @@ class Limits:
     max_tokens: int | None = None
     log_prompts: bool = False
     prompt_retention_days: int = 0
+    #: days usage records are kept (0: for ever): the policy's when it sets one, else the setting's
+    usage_retention_days: int = 0
     allowed_families: frozenset[str] | None = None
 
 
@@ -54,6 +57,8 @@ class PolicyEnforcer:
         self.limits.max_tokens = policy.max_tokens if policy else None
         self.limits.log_prompts = policy.log_prompts if policy else s.log_prompts
         self.limits.prompt_retention_days = policy.prompt_retention_days if policy else 0
+        self.limits.usage_retention_days = (policy.usage_retention_days if policy and policy.usage_retention_days
+                                            is not None else s.usage_retention_days)
         self.limits.allowed_families = frozenset(policy.allowed_families) if policy else None
         self.scheduler.config.queue_size = policy.queue_size if policy else s.queue_size
         n_ctx = min(s.n_ctx, policy.max_context) if policy else s.n_ctx

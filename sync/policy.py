@@ -23,6 +23,8 @@ Example (every table and key shown is required unless marked optional):
     [logging]
     log_prompts = false
     prompt_retention_days = 0   # 1..3650 when log_prompts, else 0
+    usage_retention_days = 90   # optional, 0..36500: days usage records are kept (0: for ever);
+                                # absent: the box's `usage_retention_days` setting applies
 
 Unknown keys, wrong types and out-of-range values are refused with a message that
 names the key; a policy that fails here fails its whole bundle.
@@ -60,6 +62,8 @@ class Policy:
     memory_critical_free_mb: int
     log_prompts: bool
     prompt_retention_days: int
+    #: None when the policy leaves it to the box's setting
+    usage_retention_days: int | None = None
 
 
 def _bad(msg: str) -> BundleRejected:
@@ -67,11 +71,11 @@ def _bad(msg: str) -> BundleRejected:
 
 
 class _Table:
-    def __init__(self, doc: dict[str, Any], name: str, keys: set[str]) -> None:
+    def __init__(self, doc: dict[str, Any], name: str, keys: set[str], optional: frozenset[str] = frozenset()) -> None:
         t = doc.get(name)
         if not isinstance(t, dict):
             raise _bad(f"missing table [{name}]")
-        if extra := sorted(set(t) - keys):
+        if extra := sorted(set(t) - keys - optional):
             raise _bad(f"unknown key(s) in [{name}]: {', '.join(extra)}")
         if missing := sorted(keys - set(t)):
             raise _bad(f"missing key(s) in [{name}]: {', '.join(missing)}")
@@ -136,11 +140,12 @@ def parse_policy(data: bytes) -> Policy:
     mem_critical = memory.int("critical_free_mb", 0, 1 << 24)
     if mem_critical >= mem_constrained:
         raise _bad("memory.critical_free_mb must be below memory.constrained_free_mb")
-    logging_t = _Table(doc, "logging", {"log_prompts", "prompt_retention_days"})
+    logging_t = _Table(doc, "logging", {"log_prompts", "prompt_retention_days"}, frozenset({"usage_retention_days"}))
     log_prompts = logging_t.bool("log_prompts")
     retention = logging_t.int("prompt_retention_days", 1 if log_prompts else 0, 3650 if log_prompts else 0)
+    usage_days = logging_t.int("usage_retention_days", 0, 36_500) if "usage_retention_days" in logging_t.t else None
     return Policy(tuple(fams), max_context, max_tokens, limits.int("queue_size", 1, 10_000),
-                  constrained_c, critical_c, mem_constrained, mem_critical, log_prompts, retention)
+                  constrained_c, critical_c, mem_constrained, mem_critical, log_prompts, retention, usage_days)
 
 
 def load_policy(path: Path) -> Policy:
