@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -30,19 +31,19 @@ async def readyz(request: web.Request) -> web.Response:
 async def admin_status(request: web.Request) -> web.Response:
     """GET /admin/status: what the daemon serves, for `atoll status`."""
     s = request.app[SERVICES]
-    proc = psutil.Process(os.getpid())
+    rss, rel = await asyncio.to_thread(lambda: (psutil.Process(os.getpid()).memory_info().rss, s.updates.release()))
     return web.json_response({
         "version": request.app[VERSION],
         "url": s.settings.url(),
         "state_dir": str(s.settings.state_dir),
         "uptime_seconds": round(time.monotonic() - s.started, 1),
         "daemon_pid": os.getpid(),
-        "daemon_rss_bytes": proc.memory_info().rss,
+        "daemon_rss_bytes": rss,
         "ready": s.scheduler.any_ready(),
         "governor": {"state": s.hardware.governor.state.name.lower(), "reason": s.hardware.reason,
                      "admitting": s.scheduler.controls.admitting},
         "models": [r.status() for _, r in sorted(s.scheduler.runners.items())],
-        "updates": {"current": (rel := s.updates.release()) and {"sequence": rel.sequence, "version": rel.version},
+        "updates": {"current": rel and {"sequence": rel.sequence, "version": rel.version},
                     "progress": s.updates.manager.progress.snapshot()},
     })
 
