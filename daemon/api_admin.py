@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -9,7 +10,7 @@ import psutil
 from aiohttp import web
 
 from daemon.services import SERVICES, VERSION
-from runtime.errors import BadRequest
+from runtime.errors import BadRequest, Unavailable
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -18,25 +19,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: 200 once a model is loaded and answering, 503 while none is."""
+    """GET /readyz: 200 once a model is loaded and answering, 503 (with Retry-After, as every 503) while none is."""
     sched = request.app[SERVICES].scheduler
     models = {name: r.state for name, r in sched.runners.items()}
     ready = sched.any_ready()
+    headers = None if ready else {"Retry-After": str(int(Unavailable.default_retry_after or 5))}
     return web.json_response({"status": "ready" if ready else "not ready", "models": models},
-                             status=200 if ready else 503)
+                             status=200 if ready else 503, headers=headers)
 
 
 async def admin_status(request: web.Request) -> web.Response:
     """GET /admin/status: what the daemon serves, for `atoll status`."""
     s = request.app[SERVICES]
-    proc = psutil.Process(os.getpid())
+    rss, rel = await asyncio.to_thread(lambda: (psutil.Process(os.getpid()).memory_info().rss, s.updates.release()))
     return web.json_response({
         "version": request.app[VERSION],
         "url": s.settings.url(),
         "state_dir": str(s.settings.state_dir),
         "uptime_seconds": round(time.monotonic() - s.started, 1),
         "daemon_pid": os.getpid(),
-        "daemon_rss_bytes": proc.memory_info().rss,
+        "daemon_rss_bytes": rss,
         "ready": s.scheduler.any_ready(),
         "audit": s.security.status(),
         "tls": (t := s.security.tls) and {"fingerprint_sha256": t.fingerprint, "not_after": t.not_after,
@@ -44,7 +46,7 @@ async def admin_status(request: web.Request) -> web.Response:
         "governor": {"state": s.hardware.governor.state.name.lower(), "reason": s.hardware.reason,
                      "admitting": s.scheduler.controls.admitting},
         "models": [r.status() for _, r in sorted(s.scheduler.runners.items())],
-        "updates": {"current": (rel := s.updates.release()) and {"sequence": rel.sequence, "version": rel.version},
+        "updates": {"current": rel and {"sequence": rel.sequence, "version": rel.version},
                     "progress": s.updates.manager.progress.snapshot()},
     })
 

@@ -27,7 +27,7 @@ TAR_TYPES = ("application/x-tar", "application/tar")
 
 async def get_bundles(request: web.Request) -> web.Response:
     """GET /admin/bundles: installed release, import progress (phase, bytes, files), last result."""
-    return web.json_response(request.app[SERVICES].updates.status())
+    return web.json_response(await asyncio.to_thread(request.app[SERVICES].updates.status))  # reads state files
 
 
 async def post_bundle(request: web.Request) -> web.Response:

@@ -7,9 +7,6 @@ document cannot describe a route that does not exist or miss one that does.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -105,7 +102,7 @@ def openapi_document(app_version: str) -> dict[str, Any]:
         else:
             op["security"] = []
             if r.path == "/readyz":
-                op["responses"]["503"] = {"description": "No model loaded yet"}
+                op["responses"]["503"] = {"description": "No model loaded yet; see Retry-After"}
         if r.request_schema:
             op["requestBody"] = {"required": True,
                                  "content": {"application/json": {"schema": r.request_schema}}}
@@ -141,29 +138,4 @@ def create_app(settings: Settings, services: Services) -> web.Application:
         await services.stop()
 
     app.cleanup_ctx.append(lifetime)
-    app.cleanup_ctx.append(_usage_retention)
     return app
-
-
-async def _usage_retention(app: web.Application) -> AsyncIterator[None]:
-    """Delete usage records older than `usage_retention_days`, at start and then hourly."""
-    services = app[SERVICES]
-    days = services.settings.usage_retention_days
-
-    async def purge() -> None:
-        while True:
-            cutoff = (dt.datetime.now(dt.UTC) - dt.timedelta(days=days)).isoformat(timespec="milliseconds")
-            try:
-                n = await services.db.run(services.db.purge_usage, cutoff)
-                if n:
-                    log.info("deleted %d usage records older than %d days", n, days)
-            except Exception as e:  # a locked or full database: try again next hour
-                log.warning("usage retention: purge failed: %s", e)
-            await asyncio.sleep(3600)
-
-    task = asyncio.create_task(purge()) if days else None
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -100,8 +100,8 @@ class StateDB:
 
     async def stop(self) -> None:
         """Finish pending writes and close."""
-        if self._executor:
-            self._executor.shutdown(wait=True)
+        if self._executor:  # joined off the loop: the DB thread may still be finishing a write
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
             self._executor = None
         self.db.conn.close()
 

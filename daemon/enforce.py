@@ -1,4 +1,5 @@
-"""Putting a signed policy in force: request limits, queue size, context cap, governor thresholds.
+"""Putting a signed policy in force: request limits, queue size, context cap, governor thresholds,
+usage and prompt retention.
 
 The one place that changes the running parts' knobs when a policy arrives or goes; the
 parts read them on each use (scheduler config, placement policy, governor thresholds).
@@ -28,6 +29,8 @@ class Limits:
     max_tokens: int | None = None
     log_prompts: bool = False
     prompt_retention_days: int = 0
+    #: days usage records are kept (0: for ever): the policy's when it sets one, else the setting's
+    usage_retention_days: int = 0
     allowed_families: frozenset[str] | None = None
     session_idle_minutes: float | None = None
     session_absolute_hours: float | None = None
@@ -65,6 +68,8 @@ class PolicyEnforcer:
         self.limits.max_tokens = policy.max_tokens if policy else None
         self.limits.log_prompts = policy.log_prompts if policy else s.log_prompts
         self.limits.prompt_retention_days = policy.prompt_retention_days if policy else 0
+        self.limits.usage_retention_days = (policy.usage_retention_days if policy and policy.usage_retention_days
+                                            is not None else s.usage_retention_days)
         self.limits.allowed_families = frozenset(policy.allowed_families) if policy else None
         self.limits.session_idle_minutes = policy.session_idle_minutes if policy else None
         self.limits.session_absolute_hours = policy.session_absolute_hours if policy else None

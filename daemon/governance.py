@@ -112,7 +112,7 @@ class HardwareControl:
             if d.variant is None or (d.variant.digest, d.n_ctx, d.n_gpu_layers) == (
                     r.variant.digest, r.spec.n_ctx, r.spec.n_gpu_layers):
                 continue
-            if not self._still_good(d.variant):
+            if not await asyncio.to_thread(self._still_good, d.variant):  # re-reads the GGUF header
                 continue
             overlap = self._both_fit(snap, r, d)
             fut = r.request_swap(d.variant, str(self.store.blob_path(d.variant.digest)), d.n_ctx, overlap=overlap,

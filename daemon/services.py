@@ -90,7 +90,7 @@ def bootstrap(settings: Settings) -> Services:
                                           swap_drain_seconds=settings.swap_drain_seconds))
     prober = Prober(make_source(settings))
     hardware = HardwareControl(settings, store, scheduler, prober)
-    limits = Limits(log_prompts=settings.log_prompts)
+    limits = Limits(log_prompts=settings.log_prompts, usage_retention_days=settings.usage_retention_days)
     background = Background()
     updates = Updates(settings, store, scheduler, hardware, db, limits, package_version(), background)
     updates.bootstrap(prober.read())

@@ -1,5 +1,5 @@
-"""Long-running watches of the update side: `current` changed from the shell, the prompt
-retention purge, and USB sticks. Each survives its own errors (logged once per kind of
+"""Long-running watches of the update side: `current` changed from the shell, the usage and
+prompt retention purges, and USB sticks. Each survives its own errors (logged once per kind of
 failure) and has async start()/stop()."""
 
 from __future__ import annotations
@@ -86,22 +86,37 @@ class CurrentWatcher(_Periodic):
 
 
 class RetentionPurge(_Periodic):
-    """Blanks the prompt text of usage records older than the policy's retention: within a
-    couple of seconds of a policy setting one, then hourly."""
+    """Deletes usage records older than the usage retention (`usage_retention_days`, or the
+    policy's) and blanks the prompt text of those older than the policy's prompt retention:
+    each within a couple of seconds of the daemon starting or the retention changing, then hourly.
+    A retention of 0 keeps (the records, or the text) for ever."""
 
-    name = "prompt retention purge"
+    name = "retention purge"
 
     def __init__(self, db: StateDB, limits: Limits, interval: float = 2.0, every: float = 3600.0) -> None:
         super().__init__(interval)
         self.db, self.limits, self.every = db, limits, every
-        self._last: float | None = None
+        #: per purge, (loop time, days) of its last run
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def _due(self, kind: str, days: int) -> bool:
+        now = asyncio.get_running_loop().time()
+        last = self._last.get(kind)
+        if not days or (last is not None and last[1] == days and now - last[0] < self.every):
+            return False
+        self._last[kind] = (now, days)
+        return True
 
     async def tick(self) -> None:
-        """Purge if the policy sets a retention and the last purge is `every` seconds old."""
+        """Run each purge whose retention is set and changed, or whose last run is `every` seconds old."""
+        days = self.limits.usage_retention_days
+        if self._due("usage", days):
+            cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+            n = await self.db.run(self.db.purge_usage, cutoff.isoformat(timespec="milliseconds"))
+            if n:
+                log.info("deleted %d usage records older than %d days", n, days)
         days = self.limits.prompt_retention_days
-        now = asyncio.get_running_loop().time()
-        if days and (self._last is None or now - self._last >= self.every):
-            self._last = now
+        if self._due("prompt", days):
             cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
             n = await self.db.run(self.db.purge_prompt_text, cutoff.isoformat())
             log.info("blanked the prompt text of %d usage records older than %d days", n, days)

@@ -7,12 +7,8 @@ concurrency limit. A full queue refuses new jobs with 429 and a Retry-After esti
 from recent job durations. A job that is cancelled (the client went away) leaves the
 queue or, if running, is told to stop, and the worker stops within a token.
 
-A swap to another variant loads the new worker first when memory allows both, pauses
-the queue only while the running request finishes (cancelled past `swap_drain_seconds`),
-switches, then stops the old worker: queued requests wait, none fails. When memory does
-not allow both, the old worker is drained and stopped before the new one loads, and the
-queue holds requests meanwhile. A target variant that fails to load is marked broken and
-the family stays on (or goes back to) its current variant.
+Swaps to another variant are requested here and carried out by the supervisor
+(runtime.swap has how).
 """
 
 from __future__ import annotations
@@ -39,6 +35,7 @@ from runtime.errors import (
     WorkerCrashed,
 )
 from runtime.store import Variant
+from runtime.swap import Swaps, SwapTarget, swap_variant
 from runtime.worker_client import WorkerProcess, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -70,27 +67,6 @@ class Job:
     digest: str | None = None
 
 
-@dataclass
-class SwapRecord:
-    """One variant change, for /admin/hardware."""
-
-    at: float
-    from_digest: str
-    to_digest: str
-    n_ctx: int
-    overlap: bool
-    seconds: float | None = None
-    outcome: str = "pending"
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able form."""
-        return dict(self.__dict__)
-
-
-class SwapFailed(Exception):
-    """The target variant could not be loaded."""
-
-
 class ModelRunner:
     """A served model: its variants, its supervised worker, its queue."""
 
@@ -101,7 +77,7 @@ class ModelRunner:
         self.variants = variants if variants is not None else [variant]
         self.config = config
         self.controls = controls
-        self.spec = self._spec_for(variant, path, n_ctx or config.n_ctx, n_gpu_layers)
+        self.spec = self.spec_for(variant, path, n_ctx or config.n_ctx, n_gpu_layers)
         self.state = "broken" if variant.broken else "stopped"
         self.reason: str | None = variant.broken
         self.worker: WorkerProcess | None = None
@@ -109,18 +85,17 @@ class ModelRunner:
         self.restarts = 0
         self.queue: collections.deque[Job] = collections.deque()
         self.running: Job | None = None
-        self.swaps: collections.deque[SwapRecord] = collections.deque(maxlen=50)
+        self.swaps = Swaps()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._swap_req = asyncio.Event()
-        self._target: tuple[Variant, str, int, int, bool, asyncio.Future[bool]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._paused = False
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
 
-    def _spec_for(self, variant: Variant, path: str, n_ctx: int, n_gpu_layers: int) -> WorkerSpec:
+    def spec_for(self, variant: Variant, path: str, n_ctx: int, n_gpu_layers: int) -> WorkerSpec:
+        """The worker spec that serves `variant` from `path` with this runner's settings."""
         return WorkerSpec(model_path=path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, threads=self.config.threads,
                           embedding=variant.task == "embed",
                           pooling="model" if variant.info and variant.info.is_embedding_model else "mean",
@@ -175,15 +150,14 @@ class ModelRunner:
                 started = time.monotonic()
             worker = self.worker
             assert worker is not None
-            waits = [asyncio.create_task(worker.exited.wait()), asyncio.create_task(self._swap_req.wait())]
+            waits = [asyncio.create_task(worker.exited.wait()), asyncio.create_task(self.swaps.requested.wait())]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for t in waits:
                     t.cancel()
-            if self._swap_req.is_set():
-                self._swap_req.clear()
-                await self._do_swap()
+            if (target := self.swaps.take()) is not None:
+                await swap_variant(self, target)
                 continue
             self.ready.clear()
             if self._stopping:
@@ -255,13 +229,8 @@ class ModelRunner:
 
     def request_swap(self, variant: Variant, path: str, n_ctx: int, *, overlap: bool,
                      n_gpu_layers: int = 0) -> asyncio.Future[bool]:
-        """Ask the supervisor to switch to `variant`; the future says whether it succeeded."""
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self._target is not None and not self._target[-1].done():
-            self._target[-1].set_result(False)  # superseded by this newer decision
-        self._target = (variant, path, n_ctx, n_gpu_layers, overlap, fut)
-        self._swap_req.set()
-        return fut
+        """Ask the supervisor to switch to `variant`; the future says whether it succeeded (runtime.swap)."""
+        return self.swaps.request(SwapTarget(variant, path, n_ctx, n_gpu_layers, overlap))
 
     async def drain(self, seconds: float, reason: str) -> None:
         """Wait for the running job to finish; past `seconds`, cancel it with `reason` and wait again."""
@@ -278,58 +247,6 @@ class ModelRunner:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
                 await self._idle.wait()
-
-    async def _do_swap(self) -> None:
-        assert self._target is not None
-        variant, path, n_ctx, n_gpu_layers, overlap, fut = self._target
-        rec = SwapRecord(at=time.time(), from_digest=self.variant.digest, to_digest=variant.digest, n_ctx=n_ctx,
-                         overlap=overlap)
-        self.swaps.append(rec)
-        t0 = time.monotonic()
-        new_spec = self._spec_for(variant, path, n_ctx, n_gpu_layers)
-        old = self.worker
-        drain_reason = f"model {self.family} is switching to another variant"
-        try:
-            if overlap:
-                new = WorkerProcess(new_spec)
-                try:
-                    await new.start()
-                except Unavailable as e:
-                    raise SwapFailed(e.message) from None
-                self.ready.clear()
-                await self.drain(self.config.swap_drain_seconds, drain_reason)
-            else:
-                self.ready.clear()
-                self.state = "swapping"
-                await self.drain(self.config.swap_drain_seconds, drain_reason)
-                if old is not None:
-                    await old.stop()
-                new = WorkerProcess(new_spec)
-                try:
-                    await new.start()
-                except Unavailable as e:
-                    self.worker = None  # the supervisor reloads the current variant
-                    raise SwapFailed(e.message) from None
-            self.worker, self.spec, self.variant = new, new_spec, variant
-            self.state, self.reason = "ready", None
-            self.ready.set()
-            if overlap and old is not None:
-                await old.stop()
-            rec.outcome, rec.seconds = "ok", round(time.monotonic() - t0, 3)
-            log.info("model %s now serves %s (n_ctx %d) after a %.2f s swap", self.family,
-                     variant.quantization, n_ctx, rec.seconds)
-            if not fut.done():
-                fut.set_result(True)
-        except SwapFailed as e:
-            variant.broken = f"failed to load at swap time: {e}"
-            rec.outcome, rec.seconds = f"failed: {e}", round(time.monotonic() - t0, 3)
-            log.error("model %s: variant %s is broken (%s); staying on %s", self.family, variant.digest[:12], e,
-                      self.variant.quantization)
-            if self.worker is not None and not self.worker.exited.is_set():
-                self.state = "ready"
-                self.ready.set()
-            if not fut.done():
-                fut.set_result(False)
 
     # -- requests -----------------------------------------------------------------------
 

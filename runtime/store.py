@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 from hardware.gguf import GGUFError, GGUFInfo, read_gguf
 from runtime.errors import BadRequest
@@ -189,8 +189,8 @@ class ModelStore:
     @contextlib.asynccontextmanager
     async def lock_async(self, poll: float = 0.05) -> AsyncIterator[None]:
         """Hold the store lock from async code: polled, so it never blocks the loop and can be cancelled."""
-        await asyncio.to_thread(self.ensure)
-        with self.lock_path.open("a") as lk:
+        lk = await asyncio.to_thread(self._open_lock)
+        try:
             logged = False
             while True:
                 try:
@@ -202,6 +202,12 @@ class ModelStore:
                         logged = True
                     await asyncio.sleep(poll)
             yield
+        finally:
+            lk.close()
+
+    def _open_lock(self) -> TextIO:
+        self.ensure()
+        return self.lock_path.open("a")
 
     def read_catalog(self) -> dict[str, Any]:
         """The parsed catalog ({"families": {}} when absent); StoreError if it cannot be read."""

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from runtime.errors import AtollError
 from runtime.store import ModelStore
@@ -136,14 +136,23 @@ class SyncManager:
         if self._lock.locked():
             raise ImportInProgress("an import or rollback is already running")
         async with self._lock:
-            await asyncio.to_thread(self.store.ensure)
-            with (self.state_dir / ".sync.lock").open("a") as lk:
-                try:
-                    fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError as e:
-                    raise ImportInProgress("another process holds the sync lock") from e
+            lk = await asyncio.to_thread(self._sync_lock)
+            try:
                 async with self.store.lock_async():
                     yield
+            finally:
+                lk.close()
+
+    def _sync_lock(self) -> TextIO:
+        """The store's directories made, then .sync.lock opened and flocked (ImportInProgress if held)."""
+        self.store.ensure()
+        lk = (self.state_dir / ".sync.lock").open("a")
+        try:
+            fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            lk.close()
+            raise ImportInProgress("another process holds the sync lock") from e
+        return lk
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -265,12 +274,7 @@ class SyncManager:
 
     async def _apply(self, vb: VerifiedBundle, st: SyncState, t0: float, open_blob: BlobOpener) -> ImportResult:
         m = vb.manifest
-        state_file = self.state_dir / STATE_FILE
-        state_existed = state_file.exists()
-        if state_existed:  # the undo copy lets a failure restore the state without needing free space
-            atomic_write(self._undo_file, state_file.read_bytes())
-        pending = replace(st, pending={"sequence": m.sequence, "started": format_time(time.time())})
-        pending.save(self.state_dir)
+        state_existed = await asyncio.to_thread(self._mark_pending, st, m.sequence)
         self.checkpoint("pending")
         added: list[str] = []
         cancel = threading.Event()
@@ -298,8 +302,7 @@ class SyncManager:
             committed = replace(st, current=m.sequence, previous=st.current, highest_sequence=m.sequence,
                                 highest_digest=m.digest, newest_created=vb.time_floor,
                                 pending=None)
-            await asyncio.to_thread(committed.save, self.state_dir)
-            self._undo_file.unlink(missing_ok=True)
+            await asyncio.to_thread(self._commit, committed)
             self.checkpoint("committed")
         except BaseException as e:
             cancel.set()
@@ -318,6 +321,19 @@ class SyncManager:
         self._phase("done")
         copied = sum(f.size for f in m.files if f.digest in added)
         return ImportResult("installed", m.sequence, m.version, len(added), copied, time.monotonic() - t0)
+
+    def _mark_pending(self, st: SyncState, sequence: int) -> bool:
+        """Keep an undo copy of the state file, then commit the `pending` marker; return whether a state existed."""
+        state_file = self.state_dir / STATE_FILE
+        state_existed = state_file.exists()
+        if state_existed:  # the undo copy lets a failure restore the state without needing free space
+            atomic_write(self._undo_file, state_file.read_bytes())
+        replace(st, pending={"sequence": sequence, "started": format_time(time.time())}).save(self.state_dir)
+        return state_existed
+
+    def _commit(self, committed: SyncState) -> None:
+        committed.save(self.state_dir)
+        self._undo_file.unlink(missing_ok=True)
 
     def _undo(self, copying: concurrent.futures.Future[None] | None, sequence: int, st: SyncState,
               added: list[str], state_existed: bool) -> None:
@@ -365,14 +381,18 @@ class SyncManager:
     async def rollback(self) -> Release:
         """Return to the previous release (swapping current and previous); return the release now current."""
         async with self._locked():
-            st = SyncState.load(self.state_dir)
-            prev = release_by_sequence(self.state_dir, st.previous)
-            if prev is None:
-                raise RollbackUnavailable("there is no previous release to roll back to")
-            await asyncio.to_thread(switch_current, self.state_dir, prev.sequence)
-            swapped = replace(st, current=prev.sequence, previous=st.current)
-            await asyncio.to_thread(swapped.save, self.state_dir)
-            self.audit("sync.rollback", {"from": st.current, "to": prev.sequence})
-            log.warning("rolled back from release %s to %s", st.current, prev.sequence)
+            was, prev = await asyncio.to_thread(self._swap_to_previous)
+            self.audit("sync.rollback", {"from": was, "to": prev.sequence})
+            log.warning("rolled back from release %s to %s", was, prev.sequence)
             return prev
+
+    def _swap_to_previous(self) -> tuple[int | None, Release]:
+        """Point current at the previous release and commit the swap; return (the release left, the one now current)."""
+        st = SyncState.load(self.state_dir)
+        prev = release_by_sequence(self.state_dir, st.previous)
+        if prev is None:
+            raise RollbackUnavailable("there is no previous release to roll back to")
+        switch_current(self.state_dir, prev.sequence)
+        replace(st, current=prev.sequence, previous=st.current).save(self.state_dir)
+        return st.current, prev
 

@@ -23,6 +23,8 @@ Example (every table and key shown is required unless marked optional):
     [logging]
     log_prompts = false
     prompt_retention_days = 0   # 1..3650 when log_prompts, else 0
+    usage_retention_days = 90   # optional, 0..36500: days usage records are kept (0: for ever);
+                                # absent: the box's `usage_retention_days` setting applies
 
     [sessions]                  # optional: overrides the box's settings
     idle_minutes = 30           # 1..1440
@@ -70,6 +72,8 @@ class Policy:
     session_idle_minutes: float | None = None
     session_absolute_hours: float | None = None
     audit_retention_days: int | None = None
+    #: None when the policy leaves it to the box's setting
+    usage_retention_days: int | None = None
 
 
 def _bad(msg: str) -> BundleRejected:
@@ -77,11 +81,11 @@ def _bad(msg: str) -> BundleRejected:
 
 
 class _Table:
-    def __init__(self, doc: dict[str, Any], name: str, keys: set[str]) -> None:
+    def __init__(self, doc: dict[str, Any], name: str, keys: set[str], optional: frozenset[str] = frozenset()) -> None:
         t = doc.get(name)
         if not isinstance(t, dict):
             raise _bad(f"missing table [{name}]")
-        if extra := sorted(set(t) - keys):
+        if extra := sorted(set(t) - keys - optional):
             raise _bad(f"unknown key(s) in [{name}]: {', '.join(extra)}")
         if missing := sorted(keys - set(t)):
             raise _bad(f"missing key(s) in [{name}]: {', '.join(missing)}")
@@ -146,9 +150,10 @@ def parse_policy(data: bytes) -> Policy:
     mem_critical = memory.int("critical_free_mb", 0, 1 << 24)
     if mem_critical >= mem_constrained:
         raise _bad("memory.critical_free_mb must be below memory.constrained_free_mb")
-    logging_t = _Table(doc, "logging", {"log_prompts", "prompt_retention_days"})
+    logging_t = _Table(doc, "logging", {"log_prompts", "prompt_retention_days"}, frozenset({"usage_retention_days"}))
     log_prompts = logging_t.bool("log_prompts")
     retention = logging_t.int("prompt_retention_days", 1 if log_prompts else 0, 3650 if log_prompts else 0)
+    usage_days = logging_t.int("usage_retention_days", 0, 36_500) if "usage_retention_days" in logging_t.t else None
     idle = absolute = audit_days = None
     if "sessions" in doc:
         sessions = _Table(doc, "sessions", {"idle_minutes", "absolute_hours"})
@@ -159,7 +164,7 @@ def parse_policy(data: bytes) -> Policy:
             raise _bad(f"audit.retention_days = {audit_days}: 0 (keep every row) or at least 30")
     return Policy(tuple(fams), max_context, max_tokens, limits.int("queue_size", 1, 10_000),
                   constrained_c, critical_c, mem_constrained, mem_critical, log_prompts, retention,
-                  idle, absolute, audit_days)
+                  idle, absolute, audit_days, usage_days)
 
 
 def load_policy(path: Path) -> Policy:

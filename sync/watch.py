@@ -88,7 +88,15 @@ class UsbWatcher:
         """Start observing the media directories that exist (others are logged and skipped)."""
         self._loop = asyncio.get_running_loop()
         observer = Observer()
-        handler = _Handler(self._loop, self._on_path)
+        watched = await asyncio.to_thread(self._observe, observer, _Handler(self._loop, self._on_path))
+        self._observer = observer
+        log.info("watching %s for update bundles", [str(d) for d in watched])
+        if self.scan_on_start:
+            for d in watched:
+                self._spawn(self._scan(d, (0.0,)))
+
+    def _observe(self, observer: Any, handler: _Handler) -> list[Path]:
+        """Schedule the media dirs that exist (each walked by inotify set-up) and start `observer`."""
         watched = []
         for d in self.media_dirs:
             if d.is_dir():
@@ -97,18 +105,13 @@ class UsbWatcher:
             else:
                 log.info("media dir %s does not exist; not watching it", d)
         observer.start()
-        self._observer = observer
-        log.info("watching %s for update bundles", [str(d) for d in watched])
-        if self.scan_on_start:
-            for d in watched:
-                self._spawn(self._scan(d, (0.0,)))
+        return watched
 
     async def stop(self) -> None:
         """Stop observing; cancel pending scans (an import already running is awaited)."""
         if self._observer is not None:
-            self._observer.stop()
-            await asyncio.to_thread(self._observer.join)
-            self._observer = None
+            observer, self._observer = self._observer, None
+            await asyncio.to_thread(lambda: (observer.stop(), observer.join()))
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -147,12 +150,15 @@ class UsbWatcher:
 
     def _fire(self, stick: Path) -> None:
         self._timers.pop(stick, None)
-        if stick in self._running or not (stick / "ATOLL" / "bundle.json").is_file():
+        if stick in self._running:
             return
         self._running.add(stick)
         self._spawn(self._run(stick), name="import")
 
     async def _run(self, stick: Path) -> None:
+        if not await asyncio.to_thread((stick / "ATOLL" / "bundle.json").is_file):  # pulled meanwhile
+            self._running.discard(stick)
+            return
         log.info("bundle found at %s", stick)
         try:
             await self.on_bundle(stick)

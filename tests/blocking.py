@@ -6,8 +6,8 @@ raise `BlockingError`. Code in executor threads and worker processes is not affe
 catch the error (a broad `except` that logs, the error middleware that answers 500), every detection is also
 recorded and the test fails at teardown with the sites listed, whether or not the error surfaced.
 
-`ALLOWED` is the explicit list of known product-code sites still to be fixed (issue 7 item 22): one entry per
-function, never per module, so a new blocking call anywhere else still fails. Remove an entry with its fix.
+`ALLOWED` is the explicit list of product-code sites that may block (each with why it cannot move), plus tests'
+deliberate ones: one entry per function, never per module, so a new blocking call anywhere else still fails.
 """
 
 from __future__ import annotations
@@ -38,37 +38,12 @@ LIBRARY = [("logging/__init__.py", {"emit", "flush"})]
 
 # Known sites that block a running loop, each the innermost function of ours (file relative to the repo, function
 # name) that makes the call: a blocking call made directly in that function is tolerated, the same call anywhere
-# else still fails. Product-code entries are issue 7 item 22's to-do list: fix the function, remove its entry.
+# else still fails. A product-code entry needs a reason the call cannot run in a thread.
 ALLOWED: dict[tuple[str, str], str] = {
-    # -- product code, to fix (found by `ATOLL_BLOCKING_SURVEY=/tmp/s pytest -m "not slow"`) --------------------
-    # runtime: the model store's directory set-up and fsync, on the loop during an import
-    ("runtime/store.py", "ensure"): "mkdir of blobs/ and staging/ (from ImportManager._locked)",
-    ("runtime/store.py", "fsync_dir"): "directory fsync (from atomic_write, _apply)",
-    # runtime/hardware: re-reading a variant's GGUF header on the loop (governor callback -> _still_good, reload)
-    ("runtime/store.py", "inspect"): "stat of the blob, then read_gguf (from HardwareControl._still_good)",
-    ("hardware/gguf.py", "read_gguf"): "stat and open of the GGUF file",
-    ("hardware/gguf.py", "read"): "_Reader.read: the header's many small reads",
-    # runtime: asyncio's own subprocess spawn forks and reads the exec-status pipe on the loop
+    # -- product code that cannot move off the loop ---------------------------------------------------------------
+    # asyncio's own subprocess spawn: the loop's transport forks/execs and reads the exec-status pipe itself (with
+    # the child watcher's lock); the pipes and the child watcher must belong to the loop, so no thread can do it
     ("runtime/worker_client.py", "start"): "asyncio.create_subprocess_exec: fork/exec handshake (os.read, lock)",
-    # sync: the import/apply path run on the loop (daemon upload/path import, `atoll import`, USB watcher)
-    ("sync/apply.py", "_apply"): "state-file stat/unlink and reads of the staged release",
-    ("sync/apply.py", "import_tar"): "shutil.disk_usage (statvfs) before unpacking",
-    ("sync/fsutil.py", "atomic_write"): "write + fsync + rename of sync-state.json and release files",
-    ("sync/state.py", "load"): "reads sync-state.json",
-    ("sync/state.py", "read_release"): "reads releases/N/manifest.json",
-    ("sync/state.py", "release_by_sequence"): "stat of releases/N/manifest.json (rollback)",
-    ("sync/state.py", "read_current_release"): "readlink/stat of current (admin status, /admin/bundles)",
-    ("sync/state.py", "current_target"): "stat of current (the daemon's watch on current)",
-    # sync: the USB watcher
-    ("sync/watch.py", "start"): "is_dir of each media dir, watchdog schedule (scandir)",
-    ("sync/watch.py", "stop"): "watchdog Observer.stop (inotify write, lock)",
-    ("sync/watch.py", "_fire"): "is_file of the stick's bundle.json in the debounce callback",
-    ("sync/policy.py", "load_policy"): "reads the release's policy file (from updates.reload)",
-    ("runtime/store.py", "_read_catalog"): "reads catalog.json (from ModelStore.families in the health check)",
-    # daemon
-    ("daemon/api_updates.py", "post_bundle"): "writes the uploaded tar body to disk in the handler",
-    ("daemon/db.py", "stop"): "ThreadPoolExecutor.shutdown(wait=True) joins the DB thread on the loop",
-    ("daemon/api_admin.py", "admin_status"): "psutil.Process(...) reads /proc in the handler",
     # -- test code: deliberate, the fault is injected synchronously at that exact point of the copy ---------------
     ("tests/sync/test_crash.py", "fill"): "fills the tmpfs from the progress callback",
     ("tests/sync/test_crash.py", "pull"): "removes the stick's files from the progress callback",

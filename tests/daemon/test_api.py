@@ -145,12 +145,14 @@ async def test_readyz_and_healthz_are_public(make_app) -> None:
     assert (await app.client.get("/healthz")).status == 200
     r = await app.client.get("/readyz")
     assert r.status == 200 and (await r.json())["models"] == {"smollm2": "ready"}
+    assert "Retry-After" not in r.headers
 
 
 async def test_readyz_is_503_while_loading(make_app) -> None:
     app = await make_app(wait=False)
     first = await app.client.get("/readyz")
     assert first.status == 503
+    assert first.headers["Retry-After"] == "5"  # like every 503 (README)
     assert (await first.json())["models"]["smollm2"] in ("loading", "ready")
     await app.wait_ready()
 

@@ -6,6 +6,7 @@ Real Ed25519 keys, real bundles on disk, real models loaded in real workers.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import shutil
 import sqlite3
@@ -191,9 +192,18 @@ async def test_every_policy_field_is_put_in_force(make_app, provisioned, tmp_pat
               .replace("queue_size = 8", "queue_size = 3")
               .replace("constrained_c = 80.0", "constrained_c = 60.0").replace("critical_c = 90.0", "critical_c = 70.0")
               .replace("log_prompts = false", "log_prompts = true")
-              .replace("prompt_retention_days = 0", "prompt_retention_days = 2"))
+              .replace("prompt_retention_days = 0", "prompt_retention_days = 2")
+              .replace("usage_retention_days = 90", "usage_retention_days = 30"))
     app = await make_app()
     services = app.app[SERVICES]
+    assert services.limits.usage_retention_days == services.settings.usage_retention_days == 90
+    forty_days_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(days=40)).isoformat(timespec="milliseconds")
+
+    def insert_old() -> None:
+        services.db.db.table("usage").insert({"ts": forty_days_ago, "principal": "old", "endpoint": "chat",
+                                              "model": "m", "status": "ok"})
+
+    await services.db.run(insert_old)
     assert (await post_path(app, bundle(tmp_path, keyring, "b1", 1, {"sea": [smollm2_path]}, policy=policy))).status \
         == 200
     async with asyncio.timeout(30):
@@ -208,6 +218,11 @@ async def test_every_policy_field_is_put_in_force(make_app, provisioned, tmp_pat
     assert 0 < th.ram_critical_available_pct < th.ram_constrained_available_pct
     assert services.scheduler.config.queue_size == 3
     assert services.limits.prompt_retention_days == 2
+    assert services.limits.usage_retention_days == 30
+    # the 40-day-old usage record, kept under the setting's 90 days, goes within seconds under the policy's 30
+    async with asyncio.timeout(10):
+        while any(r["principal"] == "old" for r in await services.db.run(services.db.usage, 1000)):
+            await asyncio.sleep(0.05)
     # prompt text is now logged...
     assert (await chat(app, "sea", max_tokens=3)).status == 200
     async with asyncio.timeout(10):

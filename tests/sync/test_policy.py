@@ -16,6 +16,24 @@ def test_valid_policy() -> None:
     assert (p.thermal_constrained_c, p.thermal_critical_c) == (80.0, 90.0)
     assert (p.memory_constrained_free_mb, p.memory_critical_free_mb) == (1024, 512)
     assert (p.log_prompts, p.prompt_retention_days) == (False, 0)
+    assert p.usage_retention_days == 90
+
+
+def test_usage_retention_is_optional() -> None:
+    assert "usage_retention_days = 90\n" in POLICY
+    assert parse_policy(POLICY.replace("usage_retention_days = 90\n", "").encode()).usage_retention_days is None
+
+
+@pytest.mark.parametrize("days", [0, 30, 36_500])
+def test_usage_retention_in_range(days: int) -> None:
+    text = POLICY.replace("usage_retention_days = 90", f"usage_retention_days = {days}")
+    assert parse_policy(text.encode()).usage_retention_days == days
+
+
+def test_example_policy_is_valid() -> None:
+    from sync.policy import EXAMPLE_POLICY, load_policy
+
+    assert load_policy(EXAMPLE_POLICY).usage_retention_days == 90
 
 
 def test_prompt_logging_with_retention() -> None:
@@ -35,6 +53,8 @@ def test_prompt_logging_with_retention() -> None:
     ("critical_free_mb = 512", "critical_free_mb = 2048", "memory.critical_free_mb"),
     ("prompt_retention_days = 0", "prompt_retention_days = 30", "logging.prompt_retention_days"),
     ("log_prompts = false", "log_prompts = 0", "logging.log_prompts"),
+    *[("usage_retention_days = 90", f"usage_retention_days = {bad}", "logging.usage_retention_days")
+      for bad in ('"30"', "true", "30.0", "-1", "36501", "[30]")],
     ('allowed_families = ["tiny", "tiny2"]', 'allowed_families = ["Bad Name"]', "allowed_families"),
     ("[memory]", "[memoryx]", "memory"),
     ("schema = 1", "schema = 2", "schema"),
