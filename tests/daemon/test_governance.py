@@ -115,7 +115,7 @@ async def test_variant_that_fails_to_load_is_marked_broken_and_serving_continues
 
 
 async def test_critical_refuses_with_retry_after_then_recovers(make_app, state_dir, tmp_path) -> None:
-    app = await make_app(sensor_replay=timeline(tmp_path / "t.jsonl", [(0, 50), (1, 95), (3, 60)]),
+    app = await make_app(sensor_replay=timeline(tmp_path / "t.jsonl", [(0, 50), (4, 95), (6, 60)]),
                          governor_interval=0.1, governor=GovernorThresholds(min_dwell_s=0.5))
     await chat_ok(app)
     await wait_for(app, lambda h: h["governor"]["state"] == "critical")
@@ -173,7 +173,7 @@ async def test_swap_without_room_for_both_stops_first_and_the_queue_holds_reques
         return r.status, body.get("system_fingerprint", body)
 
     results = []
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(90):  # only guards a hang: a loaded box swaps slowly
         while True:
             results += await asyncio.gather(*(one() for _ in range(3)))
             hw = await hardware(app)
