@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,8 @@ class Updates:
         self._seen_current = current_target(settings.state_dir)
         self._poll: asyncio.Task[None] | None = None
         self._background = background
+        #: Called with True when a release switch starts being applied and False when done (systemd notify).
+        self.reload_listeners: list[Callable[[bool], None]] = []
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -230,7 +233,16 @@ class Updates:
         return fams
 
     async def reload(self) -> None:
-        """Bring policy and served models in line with the current release."""
+        """Bring policy and served models in line with the current release (listeners hear start and end)."""
+        for listener in self.reload_listeners:
+            listener(True)
+        try:
+            await self._reload()
+        finally:
+            for listener in self.reload_listeners:
+                listener(False)
+
+    async def _reload(self) -> None:
         release = self.release()
         self._seen_current = current_target(self.settings.state_dir)
         self.apply_policy(release.policy(self.store) if release else None)

@@ -31,6 +31,8 @@ import threading
 import time
 from typing import IO, Any
 
+from runtime.lifeline import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--embedding", action="store_true")
     ap.add_argument("--pooling", choices=["model", "mean"], default="model")
     args = ap.parse_args(argv)
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
     proto = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
