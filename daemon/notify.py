@@ -147,7 +147,7 @@ class ServiceNotify:
 
     async def _refresh_release(self) -> None:
         rel = await asyncio.to_thread(self.services.updates.release)
-        self._release = "none" if rel is None else f"{rel.sequence} (atoll {rel.version})"
+        self._release = "none" if rel is None else f"{rel.sequence} (version {rel.version})"
 
     def _send_status(self, *extra: str) -> None:
         line = self.status_line()

@@ -135,8 +135,12 @@ if [ -d "$house/bundle" ] && [ -f "$house/root.json" ] && [ -z "$root" ]; then
       --state-dir /var/lib/atoll
     rm -f /var/lib/atoll/.root.json
   fi
-  "${as_atoll[@]}" /opt/atoll/venv/bin/atoll import --quiet --state-dir /var/lib/atoll "$house/bundle" \
+  # a copy the atoll user can read (the bundle builder writes blobs 0600)
+  first=/var/lib/atoll/.first-boot
+  rm -rf "$first" && cp -r "$house/bundle" "$first" && chown -R atoll: "$first"
+  "${as_atoll[@]}" /opt/atoll/venv/bin/atoll import --quiet --state-dir /var/lib/atoll "$first" \
     || echo "install.sh: the first-boot bundle was not imported (see above); the box serves nothing until one is" >&2
+  rm -rf "$first"
 fi
 
 if [ -z "$root" ] && [ "$start" = 1 ] && [ -d /run/systemd/system ]; then

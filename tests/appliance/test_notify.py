@@ -123,7 +123,7 @@ def test_notify_sequence_from_the_real_daemon(state_dir: Path, tmp_path: Path, s
         reloading = notify_socket.wait_for("RELOADING=1", after=n)
         assert any(f.startswith("MONOTONIC_USEC=") for f in notify_socket.messages[reloading][1].split("\n"))
         again = notify_socket.wait_for("READY=1", after=reloading)
-        assert "release 1 (atoll" in notify_socket.messages[again][1]
+        assert "release 1 (version 1)" in notify_socket.messages[again][1]
 
         n = len(notify_socket.messages)
         assert d.stop() == 0
