@@ -38,4 +38,4 @@ if [ "${ATOLL_IMAGE_REUSE:-0}" != 1 ] || [ ! -f "$ATOLL_IMAGE/root.img" ]; then
   image/build-image.sh "$ATOLL_WHEELHOUSE" "$ATOLL_IMAGE" --test
   echo "wheelhouse $((t1 - t0)) s, image $(($(date +%s) - t1)) s"
 fi
-exec .venv/bin/python -m pytest --image -s -p no:cacheprovider tests/appliance "$@"
+exec .venv/bin/python -m pytest --image -m image -s -p no:cacheprovider tests/appliance "$@"
