@@ -251,14 +251,14 @@ class QemuBox(Box):
         return int(self.proc.returncode)
 
 
-def make_stick(src: Path, out: Path, size_mb: int = 256) -> Path:
+def make_stick(src: Path, out: Path, size_mb: int = 256, features: str = "") -> Path:
     """An ext4 disk image holding the tree `src` (readable by anyone, as a vfat stick would be)."""
     tree = out.with_suffix(".tree")
     shutil.copytree(src, tree)
     for p in [tree, *tree.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "ATOLLSTICK", "-d", str(tree), str(out), f"{size_mb}M"],
-                   check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "ATOLLSTICK", *(["-O", features] if features else []),
+                    "-d", str(tree), str(out), f"{size_mb}M"], check=True)
     shutil.rmtree(tree)
     return out
 
