@@ -128,9 +128,9 @@ def main() -> None:
         wait_status(f"http://127.0.0.1:{args.port}/readyz", 200)
         ready_s = time.perf_counter() - t0
 
-        from llama_cpp import Llama
+        from runtime.worker import load_llama
 
-        llm = Llama(model_path=args.model, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
+        llm = load_llama(args.model, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
         direct_run(llm, 8)  # warm both paths
         http_run(args.port, token, 8)
         d_runs, h_runs = [], []

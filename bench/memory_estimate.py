@@ -52,8 +52,10 @@ DEFAULT_MODELS = ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf")
 
 def child(path: str, n_ctx: int, fill: bool) -> dict[str, float]:
     """Measure RSS growth of one load in this process (run in a fresh subprocess)."""
-    import llama_cpp
+    import llama_cpp  # noqa: F401  (imported before the baseline RSS is read)
     import psutil
+
+    from runtime.worker import load_llama
 
     proc = psutil.Process()
 
@@ -62,7 +64,7 @@ def child(path: str, n_ctx: int, fill: bool) -> dict[str, float]:
 
     before = rss()
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=2, verbose=False)
+    llm = load_llama(path, n_ctx=n_ctx, n_threads=2, verbose=False)
     load_s = time.perf_counter() - t0
     after_load = rss()
     llm("The capital of France is", max_tokens=8)

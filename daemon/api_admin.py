@@ -46,15 +46,24 @@ async def admin_status(request: web.Request) -> web.Response:
     })
 
 
+def _limit(request: web.Request) -> int:
+    """The `limit` query parameter, 1..1000 (default 100)."""
+    raw = request.query.get("limit", "100")
+    if not raw.isdigit() or len(raw) > 6:
+        raise BadRequest("limit must be an integer from 1 to 1000", param="limit")
+    return max(1, min(1000, int(raw)))
+
+
 async def admin_usage(request: web.Request) -> web.Response:
     """GET /admin/usage?limit=N: the latest usage records (metadata; text only if log_prompts)."""
     s = request.app[SERVICES]
-    try:
-        limit = max(1, min(1000, int(request.query.get("limit", "100"))))
-    except ValueError:
-        raise BadRequest("limit must be an integer", param="limit") from None
-    rows = await s.db.run(s.db.usage, limit)
-    return web.json_response({"data": rows})
+    return web.json_response({"data": await s.db.run(s.db.usage, _limit(request))})
+
+
+async def admin_audit(request: web.Request) -> web.Response:
+    """GET /admin/audit?limit=N: the latest audit records (imports, tokens, throttled authentication)."""
+    s = request.app[SERVICES]
+    return web.json_response({"data": await s.db.run(s.db.audit_log, _limit(request))})
 
 
 async def admin_hardware(request: web.Request) -> web.Response:

@@ -11,14 +11,16 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from daemon.middleware import PRINCIPAL, error_body, read_json
+from daemon.bodies import Precheck, read_json
+from daemon.middleware import PRINCIPAL, client_gone, error_body
 from daemon.schemas import CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST
 from daemon.services import SERVICES, Services
+from runtime import protocol as p
 from runtime.errors import AtollError, BadRequest, ContextLengthExceeded, Unavailable
 from runtime.scheduler import Job, ModelRunner
 
@@ -52,10 +54,6 @@ class Usage:
                 "prompt_text": self.prompt_text, "completion_text": self.completion_text}
 
 
-def _client_gone(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()
-
-
 def _sampling(body: dict[str, Any], n_ctx: int | None, default_max: int | None, cap: int | None) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max
     if n_ctx is not None and max_tokens is not None and max_tokens >= n_ctx:
@@ -65,8 +63,10 @@ def _sampling(body: dict[str, Any], n_ctx: int | None, default_max: int | None, 
         raise BadRequest(f"max_tokens {max_tokens} is over the site policy's limit of {cap}", param="max_tokens",
                          code="policy_limit")
     stop = body.get("stop")
-    return {"max_tokens": max_tokens, "max_tokens_cap": cap, "temperature": body.get("temperature", 1.0),
-            "top_p": body.get("top_p", 1.0), "seed": body.get("seed"),
+    temperature, top_p = body.get("temperature"), body.get("top_p")
+    return {"max_tokens": max_tokens, "max_tokens_cap": cap,
+            "temperature": 1.0 if temperature is None else temperature,
+            "top_p": 1.0 if top_p is None else top_p, "seed": body.get("seed"),
             "stop": [stop] if isinstance(stop, str) else list(stop or [])}
 
 
@@ -92,32 +92,32 @@ class Generation:
 
     def n_ctx(self) -> int | None:
         """The loaded model's context window, if it is loaded."""
-        info = self.runner.worker.ready_info if self.runner.worker else {}
-        n = info.get("n_ctx")
-        return int(n) if n else None
+        info = self.runner.worker.ready_info if self.runner.worker else None
+        return info.n_ctx if info else None
 
-    def submit(self, worker_request: dict[str, Any]) -> Job:
+    def submit(self, worker_request: p.Generate | p.Embed) -> Job:
         """Queue the request (raises 429/503 as the runner decides)."""
-        if self.services.limits.log_prompts:
-            self.usage.prompt_text = json.dumps(worker_request.get("messages") or worker_request.get("prompt"))
+        if self.services.limits.log_prompts and isinstance(worker_request, p.Generate):
+            self.usage.prompt_text = json.dumps([asdict(m) for m in worker_request.messages]
+                                                if worker_request.messages is not None else worker_request.prompt)
         self.job = self.runner.submit(worker_request)
         return self.job
 
-    async def events(self, job: Job) -> AsyncGenerator[dict[str, Any]]:
-        """The job's events, with usage filled in; stops (cancelling the job) if the client leaves."""
-        async with contextlib.aclosing(self.runner.stream(job)) as stream:
+    async def events(self, job: Job) -> AsyncGenerator[p.Event]:
+        """The job's events, with usage filled in; stops (cancelling the job) if the client leaves,
+        even while the job is still queued (then it raises ClientGone, a ConnectionResetError)."""
+        async with contextlib.aclosing(self.runner.stream(job, lambda: client_gone(self.request))) as stream:
             async for ev in stream:
-                kind = ev["ev"]
-                if kind == "start":
-                    self.usage.prompt_tokens = ev["prompt_tokens"]
+                if isinstance(ev, p.Start):
+                    self.usage.prompt_tokens = ev.prompt_tokens
                     self.usage.ttft_ms = round((time.perf_counter() - self.usage.t0) * 1000, 2)
-                elif kind == "text":
-                    self.text.append(ev["text"])
-                elif kind == "done":
-                    self.usage.prompt_tokens = ev["prompt_tokens"]
-                    self.usage.completion_tokens = ev["completion_tokens"]
+                elif isinstance(ev, p.Text):
+                    self.text.append(ev.text)
+                elif isinstance(ev, p.Done):
+                    self.usage.prompt_tokens = ev.prompt_tokens
+                    self.usage.completion_tokens = ev.completion_tokens
                 yield ev
-                if _client_gone(self.request):
+                if client_gone(self.request):
                     self.usage.status = "cancelled"
                     self.usage.http_status = 499
                     return
@@ -143,44 +143,86 @@ class Generation:
                     await job.finished.wait()
         if job is not None and job.digest:
             row["digest"] = job.digest
-        if job is not None and job.final and job.final.get("ev") == "done":
-            row["completion_tokens"] = job.final["completion_tokens"]
-            row["prompt_tokens"] = job.final["prompt_tokens"]
+        if job is not None and isinstance(job.final, p.Done):
+            row["completion_tokens"] = job.final.completion_tokens
+            row["prompt_tokens"] = job.final.prompt_tokens
         db = self.services.db
         await db.run(db.record_usage, row)
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any]) -> list[p.Message]:
     out = []
     for m in body["messages"]:
         content = m["content"]
         if isinstance(content, list):
             content = "".join(part["text"] for part in content)
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        out.append(p.Message(role=role, content=content))
     return out
+
+
+def _texts(value: Any) -> list[str]:
+    """The strings of a prompt, an input or a message content (the shapes the schemas allow)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, dict) and isinstance(item.get("text"), str):
+                out.append(item["text"])
+        return out
+    return []
+
+
+def work_bound(services: Services, field_name: str) -> Precheck:
+    """A cheap check, before validating or tokenizing, that the prompt could fit the context window.
+
+    No token in any vocabulary atoll serves is longer than `max_chars_per_token` characters and
+    every chat message costs at least one token, so a prompt with more characters than
+    n_ctx * max_chars_per_token, or more messages than n_ctx (or `max_messages`), cannot fit:
+    it is refused at once instead of occupying the model's worker.
+    """
+    n_ctx = services.scheduler.config.n_ctx
+    max_chars = n_ctx * services.settings.max_chars_per_token
+
+    def check(body: dict[str, Any]) -> None:
+        value = body.get(field_name)
+        if field_name == "messages" and isinstance(value, list):
+            limit = min(n_ctx, services.settings.max_messages)
+            if len(value) > limit:
+                raise BadRequest(f"messages: {len(value)} messages are more than the limit of {limit}",
+                                 param="messages", code="too_many_messages")
+            texts = [t for m in value if isinstance(m, dict) for t in _texts(m.get("content"))]
+        else:
+            texts = _texts(value)
+        chars = sum(len(t) for t in texts)
+        if chars > max_chars:
+            raise ContextLengthExceeded(f"{field_name}: {chars} characters cannot fit the context window of "
+                                        f"{n_ctx} tokens", param=field_name)
+    return check
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions."""
-    body = await read_json(request, CHAT_REQUEST)
+    body = await read_json(request, CHAT_REQUEST, work_bound(request.app[SERVICES], "messages"))
     gen = Generation(request, "chat", body)
-    return await _respond(gen, chat=True, build=lambda: {
-        "op": "generate", "messages": _messages(body),
-        **_sampling(body, gen.n_ctx(), None, gen.services.limits.max_tokens)})
+    return await _respond(gen, chat=True, build=lambda: p.Generate(
+        messages=_messages(body), **_sampling(body, gen.n_ctx(), None, gen.services.limits.max_tokens)))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions."""
-    body = await read_json(request, COMPLETION_REQUEST)
+    body = await read_json(request, COMPLETION_REQUEST, work_bound(request.app[SERVICES], "prompt"))
     gen = Generation(request, "completions", body)
-    return await _respond(gen, chat=False, build=lambda: {
-        "op": "generate", "prompt": body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0],
+    return await _respond(gen, chat=False, build=lambda: p.Generate(
+        prompt=body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0],
         **_sampling(body, gen.n_ctx(), gen.services.settings.completion_max_tokens_default,
-                    gen.services.limits.max_tokens)})
+                    gen.services.limits.max_tokens)))
 
 
-async def _respond(gen: Generation, *, chat: bool, build: Callable[[], dict[str, Any]]) -> web.StreamResponse:
+async def _respond(gen: Generation, *, chat: bool, build: Callable[[], p.Generate]) -> web.StreamResponse:
     """Run a generation and answer it whole or streamed; usage is recorded either way."""
     try:
         job = gen.submit(build())
@@ -188,8 +230,8 @@ async def _respond(gen: Generation, *, chat: bool, build: Callable[[], dict[str,
             return await _stream(gen, job, chat=chat)
         fin = "stop"
         async for ev in gen.events(job):
-            if ev["ev"] == "done":
-                fin = ev["finish_reason"]
+            if isinstance(ev, p.Done):
+                fin = ev.finish_reason
         gen.finish()
         text = "".join(gen.text)
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": fin}
@@ -228,17 +270,16 @@ async def _stream(gen: Generation, job: Job, *, chat: bool) -> web.StreamRespons
     try:
         async with contextlib.aclosing(gen.events(job)) as events:
             async for ev in events:
-                kind = ev["ev"]
-                if kind == "start":
+                if isinstance(ev, p.Start):
                     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                        "Cache-Control": "no-cache"})
                     await resp.prepare(request)
                     if chat:
                         await resp.write(chunk({"role": "assistant", "content": ""}))
-                elif kind == "text" and resp is not None:
-                    await resp.write(chunk({"content": ev["text"]}, text=ev["text"]))
-                elif kind == "done" and resp is not None:
-                    fin = ev["finish_reason"]
+                elif isinstance(ev, p.Text) and resp is not None:
+                    await resp.write(chunk({"content": ev.text}, text=ev.text))
+                elif isinstance(ev, p.Done) and resp is not None:
+                    fin = ev.finish_reason
                     await resp.write(chunk({}, finish=fin if fin != "cancelled" else "stop"))
                     if include_usage:
                         payload = {"id": gen.id, "object": obj, "created": gen.created,
@@ -249,7 +290,10 @@ async def _stream(gen: Generation, job: Job, *, chat: bool) -> web.StreamRespons
         if resp is None:
             raise
         gen.finish(e)
+        # The stream ends properly: the error as its last event (no [DONE]: it did not complete),
+        # then the chunked end.
         await resp.write(b"data: " + json.dumps(error_body(e)).encode() + b"\n\n")
+        await resp.write_eof()
         return resp
     except (ConnectionResetError, OSError) as e:
         gen.usage.status, gen.usage.http_status = "cancelled", 499
@@ -264,7 +308,7 @@ async def _stream(gen: Generation, job: Job, *, chat: bool) -> web.StreamRespons
 
 async def embeddings(request: web.Request) -> web.Response:
     """POST /v1/embeddings."""
-    body = await read_json(request, EMBEDDING_REQUEST)
+    body = await read_json(request, EMBEDDING_REQUEST, work_bound(request.app[SERVICES], "input"))
     gen = Generation(request, "embeddings", body)
     try:
         if gen.runner.variant.task != "embed":
@@ -272,12 +316,12 @@ async def embeddings(request: web.Request) -> web.Response:
                              f"generation (add an embedding model, or one with --task embed)",
                              param="model", code="embeddings_not_supported")
         inputs = [body["input"]] if isinstance(body["input"], str) else body["input"]
-        job = gen.submit({"op": "embed", "input": inputs})
+        job = gen.submit(p.Embed(input=inputs))
         data: list[list[float]] = []
         async for ev in gen.events(job):
-            if ev["ev"] == "embedding":
-                data = ev["data"]
-                gen.usage.prompt_tokens = ev["prompt_tokens"]
+            if isinstance(ev, p.Embedding):
+                data = ev.data
+                gen.usage.prompt_tokens = ev.prompt_tokens
         gen.finish()
         encode: Any = _b64_floats if body.get("encoding_format") == "base64" else list
         return web.json_response({

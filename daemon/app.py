@@ -7,6 +7,9 @@ document cannot describe a route that does not exist or miss one that does.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from aiohttp import web
 
 from daemon import api_admin, api_openai, api_updates
 from daemon.config import Settings
+from daemon.edge import EDGE, Edge
 from daemon.middleware import PUBLIC_PATHS, auth_middleware, errors_middleware
 from daemon.schemas import BUNDLE_PATH_REQUEST, CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST, ERROR_RESPONSE
 from daemon.services import SERVICES, VERSION, Services, package_version
@@ -53,6 +57,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", openapi, "This document"),
     Route("GET", "/admin/status", api_admin.admin_status, "What the daemon serves (admin)"),
     Route("GET", "/admin/usage", api_admin.admin_usage, "Latest usage records (admin)"),
+    Route("GET", "/admin/audit", api_admin.admin_audit,
+          "Latest audit records: imports, rollbacks, tokens, throttled authentication (admin)"),
     Route("GET", "/admin/hardware", api_admin.admin_hardware,
           "Sensors, governor state and history, variant decisions and swaps (admin)"),
     Route("GET", "/admin/bundles", api_updates.get_bundles,
@@ -66,9 +72,10 @@ ROUTES: tuple[Route, ...] = (
 _ERRORS = {
     "400": "Bad request: the message names the field", "401": "Missing, unknown or revoked token",
     "403": "The token's role may not use this route", "404": "Unknown model",
-    "413": "Body over the size limit", "429": "Queue full; see Retry-After",
+    "413": "Body over the size limit", "415": "Body not sent as application/json",
+    "429": "Queue full, or too many failed authentications from this address; see Retry-After",
     "503": "Model loading, broken or its worker crashed; see Retry-After",
-    "504": "The request passed its deadline",
+    "504": "The request passed its deadline", "507": "The box's disk is full",
 }
 
 
@@ -111,6 +118,7 @@ def create_app(settings: Settings, services: Services) -> web.Application:
                           client_max_size=settings.max_body_bytes)
     app[SERVICES] = services
     app[VERSION] = package_version()
+    app[EDGE] = Edge(settings)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
 
@@ -120,4 +128,29 @@ def create_app(settings: Settings, services: Services) -> web.Application:
         await services.stop()
 
     app.cleanup_ctx.append(lifetime)
+    app.cleanup_ctx.append(_usage_retention)
     return app
+
+
+async def _usage_retention(app: web.Application) -> AsyncIterator[None]:
+    """Delete usage records older than `usage_retention_days`, at start and then hourly."""
+    services = app[SERVICES]
+    days = services.settings.usage_retention_days
+
+    async def purge() -> None:
+        while True:
+            cutoff = (dt.datetime.now(dt.UTC) - dt.timedelta(days=days)).isoformat(timespec="milliseconds")
+            try:
+                n = await services.db.run(services.db.purge_usage, cutoff)
+                if n:
+                    log.info("deleted %d usage records older than %d days", n, days)
+            except Exception as e:  # a locked or full database: try again next hour
+                log.warning("usage retention: purge failed: %s", e)
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(purge()) if days else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

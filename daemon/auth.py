@@ -29,6 +29,7 @@ class Principal:
 
     name: str
     role: str
+    token_id: str = ""
 
     @property
     def is_admin(self) -> bool:
@@ -71,12 +72,12 @@ def verify_token(db: StateDB, token: str) -> Principal:
         raise Unauthorized("invalid API token")
     if row[3]:
         raise Unauthorized("this API token has been revoked", code="token_revoked")
-    return Principal(name=row[0], role=row[1])
+    return Principal(name=row[0], role=row[1], token_id=m.group(1) if m else "")
 
 
 def list_tokens(db: StateDB) -> list[dict[str, Any]]:
     """Every token's name, role and dates (never the secret or its hash)."""
-    return list(db.db.query("SELECT name, role, created, revoked FROM tokens ORDER BY created"))
+    return list(db.db.query("SELECT name, role, created, revoked, last_used FROM tokens ORDER BY created"))
 
 
 def revoke_token(db: StateDB, name: str) -> None:

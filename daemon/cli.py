@@ -24,7 +24,6 @@ from runtime.errors import AtollError
 from runtime.store import ModelStore
 from sync import cli as sync_cli
 from sync.health import DEFAULT_HEALTH_CHECKS, HealthCheck
-from sync.state import Release
 
 
 def _state_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +35,12 @@ def _settings(args: argparse.Namespace) -> config.Settings:
     ns = argparse.Namespace(config=getattr(args, "config", None), state_dir=getattr(args, "state_dir", None),
                             host=getattr(args, "host", None), port=getattr(args, "port", None))
     return config.load(ns)
+
+
+def _box_settings(args: argparse.Namespace) -> sync_cli.BoxSettings:
+    """The sync commands' settings from the one schema: flags > environment > --config file > defaults."""
+    s = config.load(args)
+    return sync_cli.BoxSettings(s.state_dir, s.sync_config(), _cli_health_checks(s))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -196,20 +201,12 @@ def _cli_audit(state_dir: Path) -> Callable[[str, dict[str, Any]], None]:
     return audit
 
 
-def _cli_health_checks() -> tuple[HealthCheck, ...]:
-    """The same checks the daemon runs: policy, headers, and each model loaded in a fresh worker."""
+def _cli_health_checks(settings: config.Settings) -> tuple[HealthCheck, ...]:
+    """The same checks the daemon runs (daemon.smoke): policy, headers, each model that fits loaded,
+    with this box's threads, load timeout and sensors from the one settings schema."""
+    from daemon.smoke import cli_health_check
 
-    async def smoke(release: Release, store: ModelStore) -> None:
-        from daemon.updates import smoke_test
-        from runtime.worker_client import WorkerSpec
-
-        for fam, variants in store.families(release.families).items():
-            if fam in release.families:
-                for v in variants:
-                    await smoke_test(WorkerSpec(model_path=str(store.blob_path(v.digest)), n_ctx=512,
-                                                embedding=v.task == "embed"), fam)
-
-    return (*DEFAULT_HEALTH_CHECKS, smoke)
+    return (*DEFAULT_HEALTH_CHECKS, cli_health_check(settings))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     _state_args(p)
     p.set_defaults(func=cmd_token_revoke)
 
-    sync_cli.register(sub, audit_factory=_cli_audit, health_checks=_cli_health_checks())
+    sync_cli.register(sub, settings=_box_settings, audit_factory=_cli_audit)
 
     p = sub.add_parser("status", help="ask the running daemon what it serves")
     p.add_argument("--url", help="daemon URL (default from settings: http://127.0.0.1:8080)")

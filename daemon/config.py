@@ -21,6 +21,7 @@ from typing import Any
 
 from hardware.governor import GovernorThresholds
 from runtime.errors import BadRequest
+from sync.verify import SyncConfig
 
 
 class ConfigError(BadRequest):
@@ -69,9 +70,35 @@ class Settings:
         minimum=0)
     swap_drain_seconds: float = _opt(
         30.0, "seconds a running request may take to finish before a variant swap cancels it", minimum=0)
+    shutdown_drain_seconds: float = _opt(
+        10.0, "on SIGTERM, seconds running requests get to finish before their streams end with an error "
+        "(keep it under the unit's TimeoutStopSec)", minimum=0)
     max_upload_bytes: int = _opt(64 << 30, "largest bundle accepted by POST /admin/bundles (bytes)", minimum=1)
+    # -- the edge: what one request or one client may cost (see daemon/bodies.py, daemon/server_limits.py)
+    max_messages: int = _opt(1024, "most chat messages one request may hold (also never more than n_ctx)", minimum=1)
+    max_chars_per_token: int = _opt(
+        128, "characters per context token above which a prompt is refused before tokenizing (no served "
+        "vocabulary has a longer token)", minimum=8)
+    header_timeout: float = _opt(15.0, "seconds a client has to send a request's headers, from its first byte",
+                                 minimum=0.1)
+    body_timeout: float = _opt(30.0, "seconds a request body may go without a byte before the connection is "
+                               "closed", minimum=0.1)
+    keepalive_timeout: float = _opt(15.0, "seconds an idle keep-alive connection stays open", minimum=0.1)
+    max_connections: int = _opt(1024, "open client connections at most (more are answered 503 and closed)",
+                                minimum=1)
+    max_connections_per_ip: int = _opt(64, "open client connections per source address at most", minimum=1)
+    auth_failures_allowed: int = _opt(
+        10, "failed authentications a source address may make per auth_window before it gets 429", minimum=1)
+    auth_window: float = _opt(60.0, "seconds over which failed authentications are counted", minimum=1)
+    usage_retention_days: int = _opt(
+        90, "days usage records are kept (older ones are deleted hourly); 0 keeps them for ever", minimum=0)
     usb_watch: bool = _opt(True, "watch the media directories for update bundles on USB sticks")
     media_dirs: str = _opt("/media:/run/media", "where USB sticks are mounted, ':'-separated")
+    # -- signed updates: the same for `atoll serve` (USB, upload) and `atoll import`/`rollback`/`bundle`
+    product: str = _opt("atoll", "product name a bundle's `product` must equal to install here")
+    device_class: str = _opt("generic", "this box's device class, matched against a bundle's `compatible` list")
+    health_timeout: float = _opt(120.0, "seconds the health check of a new release (each model loaded in a fresh "
+                                 "worker, a smoke prompt) may take before the import is undone", minimum=0.1)
     governor: GovernorThresholds = field(default_factory=GovernorThresholds, metadata={
         "help": "thresholds of the thermal/memory governor: a [governor] table in the TOML file only",
         "toml_table": True})
@@ -85,6 +112,11 @@ class Settings:
     def db_path(self) -> Path:
         """The SQLite state database."""
         return self.state_dir / "atoll.db"
+
+    def sync_config(self, daemon_version: str | None = None) -> SyncConfig:
+        """The sync config every import path uses (USB, upload, `atoll import`): one source of truth."""
+        cfg = SyncConfig(product=self.product, device_class=self.device_class, health_timeout=self.health_timeout)
+        return cfg if daemon_version is None else dataclasses.replace(cfg, daemon_version=daemon_version)
 
     def url(self) -> str:
         """Base URL for humans: public_url, or built from host and port."""

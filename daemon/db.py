@@ -112,6 +112,14 @@ class StateDB:
                               "(prompt_text IS NOT NULL OR completion_text IS NOT NULL)", [older_than])
         return int(cur.rowcount)
 
+    def purge_usage(self, older_than: str) -> int:
+        """Delete usage rows older than the ISO time (the retention); return rows deleted."""
+        return int(self.db.execute("DELETE FROM usage WHERE ts < ?", [older_than]).rowcount)
+
+    def touch_token(self, token_id: str, when: str) -> None:
+        """Record when a token was last used (the daemon calls this at most once a minute per token)."""
+        self.db.execute("UPDATE tokens SET last_used = ? WHERE id = ?", [when, token_id])
+
     def usage(self, limit: int = 100) -> list[dict[str, Any]]:
         """Most recent usage rows, newest first."""
         return list(self.db.query("SELECT * FROM usage ORDER BY id DESC LIMIT ?", [limit]))

@@ -1,18 +1,29 @@
-"""The edge of the HTTP API: the one error middleware, the auth middleware, body parsing."""
+"""The edge of the HTTP API: the one error middleware and the auth middleware (bodies: daemon/bodies.py)."""
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import jsonschema
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.auth import Principal, verify_token
+from daemon.db import now_iso
+from daemon.edge import EDGE
 from daemon.services import SERVICES
-from runtime.errors import AtollError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
+from runtime.errors import (
+    AtollError,
+    BadRequest,
+    Forbidden,
+    InsufficientStorage,
+    NotFound,
+    PayloadTooLarge,
+    TooManyFailedLogins,
+    Unauthorized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +49,26 @@ def error_response(err: AtollError) -> web.Response:
 _HTTP_EXC: dict[int, type[AtollError]] = {404: NotFound, 413: PayloadTooLarge}
 
 
+def client_gone(request: web.Request) -> bool:
+    """Whether the client of `request` has closed its connection."""
+    return request.transport is None or request.transport.is_closing()
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map every error to OpenAI's error shape; unknown exceptions become a bare 500."""
+    conn = request.app[EDGE].guard.get(request)
+    if conn is not None:
+        conn.started(request)
+    try:
+        return await _answer(request, handler)
+    finally:
+        if conn is not None:
+            conn.finished()
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    limiter = request.app[EDGE].limiter
     try:
         return await handler(request)
     except AtollError as e:
@@ -63,9 +91,22 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if e.status == 405:
             resp.headers["Allow"] = e.headers.get("Allow", "")
         return resp
-    except (ConnectionResetError, OSError) as e:
-        log.info("%s %s: client connection lost (%s)", request.method, request.path, e)
-        raise
+    except RequestPayloadError as e:
+        # The body broke off: the client left mid-body, or sent a bad chunk size or encoding.
+        limiter.log(logging.INFO, "payload", "%s %s from %s: request body incomplete or malformed (%s)",
+                    request.method, request.path, request.remote, e)
+        return error_response(BadRequest("the request body is incomplete or malformed", code="bad_body"))
+    except OSError as e:
+        if isinstance(e, ConnectionError) or client_gone(request):
+            limiter.log(logging.INFO, "client-gone", "%s %s from %s: client connection lost (%s)",
+                        request.method, request.path, request.remote, type(e).__name__)
+            raise
+        # The daemon's own I/O failed (disk full, mkstemp, a read-only store): the documented shape.
+        log.error("%s %s: server-side I/O error: %s", request.method, request.path, e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error_response(InsufficientStorage("the box is out of disk space; nothing was changed. "
+                                                      "Free space on the state directory and retry"))
+        return error_response(AtollError("internal error (server-side I/O); the daemon log has the details"))
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(AtollError("internal error; the daemon log has the details"))
@@ -80,32 +121,25 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'", code="missing_token")
-    db = request.app[SERVICES].db
-    principal = await db.run(verify_token, db, token.strip())
+    services, edge = request.app[SERVICES], request.app[EDGE]
+    ip = request.remote or "?"
+    wait = edge.auth.retry_after(ip)
+    if wait is not None:
+        raise TooManyFailedLogins(f"too many failed authentications from {ip}; retry in {wait:.0f} s",
+                                  retry_after=max(1.0, wait + 0.5))
+    db = services.db
+    try:
+        principal = await db.run(verify_token, db, token.strip())
+    except Unauthorized:
+        if edge.auth.failed(ip):
+            edge.limiter.log(logging.WARNING, "auth-throttle", "throttling authentication from %s: %d failures "
+                             "within %.0f s", ip, edge.auth.allowed, edge.auth.window)
+            services.spawn(db.run(db.audit, f"ip:{ip}", "auth.throttled", "refused", failures=edge.auth.allowed,
+                                  window_seconds=edge.auth.window))
+        raise
+    if principal.token_id and edge.touch.due(principal.token_id):
+        services.spawn(db.run(db.touch_token, principal.token_id, now_iso()))
     if request.path.startswith("/admin/") and not principal.is_admin:
         raise Forbidden(f"token {principal.name!r} has role {principal.role!r}; this route needs 'admin'")
     request[PRINCIPAL] = principal
     return await handler(request)
-
-
-async def read_json(request: web.Request, schema: dict[str, Any]) -> dict[str, Any]:
-    """Read the body as UTF-8 JSON and validate it; a 400 names the problem and the field."""
-    raw = await request.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding") from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
-                         code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(body))
-    if err is not None:
-        field = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
-                        for i, p in enumerate(err.absolute_path))
-        where = field or "body"
-        raise BadRequest(f"{where}: {err.message}", param=field or None, code="invalid_value")
-    return body

@@ -107,7 +107,7 @@ class ServiceNotify:
 
     async def start(self) -> None:
         """Begin the STATUS/READY task and, when systemd asked for one, the watchdog ping."""
-        self.services.updates.reload_listeners.append(self._on_reload)
+        self.services.updates.applier.reload_listeners.append(self._on_reload)
         await self._refresh_release()
         self._tasks.append(asyncio.create_task(self._lifecycle(), name="atoll-notify"))
         if self.notifier.watchdog_seconds:
@@ -124,7 +124,7 @@ class ServiceNotify:
     async def stop(self) -> None:
         """Stop the notification tasks."""
         with contextlib.suppress(ValueError):
-            self.services.updates.reload_listeners.remove(self._on_reload)
+            self.services.updates.applier.reload_listeners.remove(self._on_reload)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -12,10 +12,14 @@ from daemon.app import create_app
 from daemon.auth import count_tokens, create_token
 from daemon.config import Settings
 from daemon.db import StateDB
+from daemon.edge import GuardedSite, server_options
 from daemon.notify import Notifier, ServiceNotify, configure_logging
-from daemon.services import bootstrap
+from daemon.services import Services, bootstrap
 
 log = logging.getLogger(__name__)
+
+#: Retry-After (seconds) given to requests refused while the daemon stops (systemd restarts it in seconds).
+SHUTDOWN_RETRY_AFTER = 30.0
 
 
 def first_start_token(db: StateDB) -> str | None:
@@ -25,14 +29,35 @@ def first_start_token(db: StateDB) -> str | None:
     return create_token(db, "admin", "admin")
 
 
+def app_runner(app: web.Application) -> web.AppRunner:
+    """How `atoll serve` runs the app (tests that depend on it use the same).
+
+    Handlers are not cancelled when their client disconnects (aiohttp's default for
+    servers; its test server does cancel them): a request notices the disconnect itself,
+    including while it waits in a model's queue (runtime.runner.ModelRunner.stream).
+    """
+    return web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10, **server_options(app))
+
+
+async def drain_for_shutdown(services: Services, settings: Settings) -> None:
+    """The first step of a clean stop (SIGTERM), before the HTTP server and the services stop.
+
+    No queued request is started any more; each gets 503 `shutting_down` with Retry-After,
+    and so does every new request; running generations get `shutdown_drain_seconds` to
+    finish, after which they are cancelled and their streams end with an error event.
+    Only then does aiohttp close the connections (responses are complete).
+    """
+    await services.scheduler.shutdown(settings.shutdown_drain_seconds, SHUTDOWN_RETRY_AFTER)
+
+
 async def serve(settings: Settings) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     services = bootstrap(settings)
     token = first_start_token(services.db)
     app = create_app(settings, services)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
+    runner = app_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = GuardedSite(runner, settings.host, settings.port)
     try:
         await site.start()
     except OSError as e:
@@ -56,8 +81,9 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("atoll stopping: draining requests")
+    log.info("atoll stopping: draining requests (up to %.0f s)", settings.shutdown_drain_seconds)
     notify.stopping()
+    await drain_for_shutdown(services, settings)
     await runner.cleanup()
     await notify.stop()
     log.info("atoll stopped")

@@ -13,10 +13,10 @@ from aiohttp import web
 
 from daemon.config import Settings
 from daemon.db import StateDB
+from daemon.enforce import Limits
 from daemon.governance import HardwareControl, make_source
 from daemon.tasks import Background
-from daemon.updates import Limits, Updates
-from hardware.governor import State
+from daemon.updates import Updates
 from hardware.probe import Prober
 from runtime.scheduler import Scheduler, SchedulerConfig
 from runtime.store import ModelStore
@@ -85,12 +85,7 @@ def bootstrap(settings: Settings) -> Services:
     limits = Limits(log_prompts=settings.log_prompts)
     background = Background()
     updates = Updates(settings, store, scheduler, hardware, db, limits, package_version(), background)
-    recovered = updates.manager.recover()
-    if recovered:
-        log.warning("update recovery: %s", recovered)
-    release = updates.release()
-    updates.apply_policy(release.policy(store) if release else None)
-    updates.add_runners(updates.served_families(release), prober.read(), State.NORMAL)
+    updates.bootstrap(prober.read())
     if not scheduler.runners:
         log.warning("no models to serve in %s: add one with `atoll models add FILE.gguf` or import a bundle",
                     settings.state_dir)

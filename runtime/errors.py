@@ -13,6 +13,8 @@ class AtollError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
+    #: Retry-After (seconds) when the raiser gives none; every 503 has one.
+    default_retry_after: float | None = None
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
                  retry_after: float | None = None) -> None:
@@ -21,7 +23,7 @@ class AtollError(Exception):
         if code is not None:
             self.code = code
         self.param = param
-        self.retry_after = retry_after
+        self.retry_after = retry_after if retry_after is not None else self.default_retry_after
 
 
 class BadRequest(AtollError):
@@ -60,6 +62,18 @@ class PayloadTooLarge(AtollError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
 
+class UnsupportedMediaType(AtollError):
+    """The body is not sent as the media type the route takes (JSON routes: application/json)."""
+
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
+class TooManyFailedLogins(AtollError):
+    """Too many failed authentications from this address; retry after `retry_after` seconds."""
+
+    status, type, code = 429, "rate_limit_error", "too_many_failed_auth"
+
+
 class QueueFull(AtollError):
     """The model's queue is full; the client should retry after `retry_after` seconds."""
 
@@ -67,15 +81,22 @@ class QueueFull(AtollError):
 
 
 class Unavailable(AtollError):
-    """The service cannot answer right now (loading, broken model, crashed worker)."""
+    """The service cannot answer right now (loading, broken model, crashed worker, shutting down)."""
 
     status, type, code = 503, "server_error", "unavailable"
+    default_retry_after = 5.0
 
 
 class WorkerCrashed(Unavailable):
     """The worker process running the request died; it is being restarted."""
 
     code = "worker_crashed"
+
+
+class InsufficientStorage(AtollError):
+    """The daemon ran out of disk space (or quota) while handling the request."""
+
+    status, type, code = 507, "server_error", "insufficient_storage"
 
 
 class DeadlineExceeded(AtollError):

@@ -24,10 +24,12 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from runtime import protocol as p
+from runtime.controls import Controls, SchedulerConfig
 from runtime.errors import (
     BadRequest,
     ContextLengthExceeded,
@@ -39,25 +41,28 @@ from runtime.errors import (
 from runtime.store import Variant
 from runtime.worker_client import WorkerProcess, WorkerSpec
 
-if TYPE_CHECKING:
-    from runtime.scheduler import Controls, SchedulerConfig
-
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+#: How often a job waiting without events checks whether its client is still connected.
+CLIENT_POLL_SECONDS = 0.1
+
+
+class ClientGone(ConnectionResetError):
+    """The client of a job closed its connection; the job was withdrawn."""
 
 
 @dataclass
 class Job:
     """One request on its way through a runner."""
 
-    request: dict[str, Any]
+    request: p.Generate | p.Embed
     deadline: float
     id: str = field(default_factory=lambda: f"j{next(_ids)}")
-    events: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[p.Event] = field(default_factory=asyncio.Queue)
     #: Set when the worker is done with the job (or it left the queue); `final` is the worker's last event.
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    final: dict[str, Any] | None = None
+    final: p.Event | None = None
     cancelled: bool = False
     #: Why the daemon (not the client) cancelled it, e.g. the governor went critical.
     cancel_reason: str | None = None
@@ -112,6 +117,7 @@ class ModelRunner:
         self._target: tuple[Variant, str, int, int, bool, asyncio.Future[bool]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._paused = False
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
 
     def _spec_for(self, variant: Variant, path: str, n_ctx: int, n_gpu_layers: int) -> WorkerSpec:
@@ -156,7 +162,7 @@ class ModelRunner:
             return False
         self.state, self.reason = "ready", None
         log.info("model %s ready: %s worker pid %s, n_ctx %s, loaded in %.2f s", self.family,
-                 self.variant.quantization, self.worker.pid, info.get("n_ctx"), info.get("load_seconds", 0))
+                 self.variant.quantization, self.worker.pid, info.n_ctx, info.load_seconds)
         self.ready.set()
         return True
 
@@ -197,7 +203,7 @@ class ModelRunner:
 
     async def _dispatch(self) -> None:
         while True:
-            while not self.queue:
+            while not self.queue or self._paused:
                 self._wake.clear()
                 await self._wake.wait()
             # Wait for the worker before taking a box-wide slot, so a model that is restarting
@@ -210,15 +216,15 @@ class ModelRunner:
                     continue
                 if not self.ready.is_set():  # a swap began while we waited for the slot
                     continue
-                if not self.queue:
+                if not self.queue or self._paused:
                     continue
                 job = self.queue.popleft()
                 if job.cancelled:
                     job.finished.set()
                     continue
                 if time.monotonic() > job.deadline:
-                    job.events.put_nowait({"ev": "error", "kind": "deadline",
-                                           "message": "the request waited in the queue past its deadline"})
+                    job.events.put_nowait(p.Error(id=job.id, kind="deadline",
+                                                  message="the request waited in the queue past its deadline"))
                     job.finished.set()
                     continue
                 await self._run(job)
@@ -233,15 +239,15 @@ class ModelRunner:
         self._idle.clear()
         t0 = time.monotonic()
         try:
-            q = worker.open(job.id, job.request)
+            q = worker.open(job.id, job.request, timeout=max(0.0, job.deadline - time.monotonic()))
             while True:
                 ev = await q.get()
                 job.events.put_nowait(ev)
-                if ev["ev"] in ("done", "error", "embedding", "crash"):
+                if isinstance(ev, p.FINAL):
                     job.final = ev
                     break
-        except WorkerCrashed as e:
-            job.events.put_nowait({"ev": "error", "kind": "crash", "message": e.message})
+        except WorkerCrashed:
+            job.events.put_nowait(p.Crash(returncode=None, id=job.id))
         finally:
             worker.close(job.id)
             self.running = None
@@ -336,7 +342,7 @@ class ModelRunner:
         avg = sum(self._durations) / len(self._durations) if self._durations else 1.0
         return max(1, math.ceil(avg * (len(self.queue) + 1)))
 
-    def submit(self, request: dict[str, Any], timeout: float | None = None) -> Job:
+    def submit(self, request: p.Generate | p.Embed, timeout: float | None = None) -> Job:
         """Queue a request; raise QueueFull or Unavailable if it cannot be accepted."""
         if self.state == "broken":
             raise Unavailable(f"model {self.family} is broken: {self.reason}", code="model_broken")
@@ -351,11 +357,15 @@ class ModelRunner:
         self._wake.set()
         return job
 
+    def pause_dispatch(self) -> None:
+        """Start no more queued jobs (shutdown); the running one carries on."""
+        self._paused = True
+
     def fail_queued(self, kind: str, message: str, retry_after: float | None = None) -> None:
         """Fail every job still waiting in the queue."""
         while self.queue:
             job = self.queue.popleft()
-            job.events.put_nowait({"ev": "error", "kind": kind, "message": message, "retry_after": retry_after})
+            job.events.put_nowait(p.Error(id=job.id, kind=kind, message=message, retry_after=retry_after))
             job.finished.set()
 
     def cancel(self, job: Job) -> None:
@@ -370,33 +380,46 @@ class ModelRunner:
                 self.queue.remove(job)
             job.finished.set()
 
-    async def stream(self, job: Job) -> AsyncGenerator[dict[str, Any]]:
-        """Yield the job's events until it ends, raising API errors; cancel it if abandoned."""
+    async def _next_event(self, job: Job, client_gone: Callable[[], bool] | None) -> p.Event:
+        """The job's next event; DeadlineExceeded past its deadline, ClientGone if the client left."""
+        while True:
+            remaining = job.deadline - time.monotonic()
+            wait = min(remaining, CLIENT_POLL_SECONDS) if client_gone is not None else remaining
+            try:
+                async with asyncio.timeout(max(wait, 0)):
+                    return await job.events.get()
+            except TimeoutError:
+                if time.monotonic() >= job.deadline:
+                    raise DeadlineExceeded(f"the request did not finish within its deadline "
+                                           f"of {self.config.request_timeout:.0f} s") from None
+                if client_gone is not None and client_gone():
+                    raise ClientGone from None
+
+    async def stream(self, job: Job, client_gone: Callable[[], bool] | None = None) -> AsyncGenerator[p.Event]:
+        """Yield the job's events until it ends, raising API errors; cancel it if abandoned.
+
+        With `client_gone`, the client's connection is checked while no event arrives (a queued
+        job waits silently): once it has gone the job leaves the queue (or stops) at once and
+        `ClientGone` is raised, so a queued request whose client left is never dispatched.
+        """
         finished = False
         try:
             while True:
-                remaining = job.deadline - time.monotonic()
-                try:
-                    async with asyncio.timeout(max(remaining, 0)):
-                        ev = await job.events.get()
-                except TimeoutError:
-                    raise DeadlineExceeded(f"the request did not finish within its deadline "
-                                           f"of {self.config.request_timeout:.0f} s") from None
-                kind = ev["ev"]
-                if kind == "done" and ev.get("finish_reason") == "cancelled" and job.cancel_reason:
+                ev = await self._next_event(job, client_gone)
+                if isinstance(ev, p.Done) and ev.finish_reason == "cancelled" and job.cancel_reason:
                     finished = True
                     raise Unavailable(f"{job.cancel_reason}; retry the request", code="interrupted",
                                       retry_after=5)
-                if kind in ("done", "embedding"):
+                if isinstance(ev, p.Done | p.Embedding):
                     finished = True
                     yield ev
                     return
-                if kind == "crash":
+                if isinstance(ev, p.Crash):
                     finished = True
                     raise WorkerCrashed(f"the worker serving {self.family} crashed (status "
-                                        f"{ev.get('returncode')}); it is being restarted, retry the request",
+                                        f"{ev.returncode}); it is being restarted, retry the request",
                                         retry_after=1)
-                if kind == "error":
+                if isinstance(ev, p.Error):
                     finished = True
                     raise _worker_error(ev)
                 yield ev
@@ -406,28 +429,33 @@ class ModelRunner:
 
     def status(self) -> dict[str, Any]:
         """What this runner is doing, for /admin/status and `atoll status`."""
-        info = self.worker.ready_info if self.worker and self.state == "ready" else {}
+        info = self.worker.ready_info if self.worker and self.state == "ready" else None
         return {
             "model": self.family, "state": self.state, "reason": self.reason,
             "variant": self.variant.digest, "quantization": self.variant.quantization,
             "task": self.variant.task, "worker_pid": self.worker.pid if self.worker and self.state == "ready"
-            else None, "n_ctx": info.get("n_ctx"), "n_gpu_layers": self.spec.n_gpu_layers, "chat": info.get("chat"),
+            else None, "n_ctx": info and info.n_ctx, "n_gpu_layers": self.spec.n_gpu_layers, "chat": info and info.chat,
             "queued": len(self.queue), "running": self.running is not None, "restarts": self.restarts,
             "variants": [{"digest": v.digest, "quantization": v.quantization, "broken": v.broken}
                          for v in self.variants],
         }
 
 
-def _worker_error(ev: dict[str, Any]) -> Exception:
-    kind, msg = ev.get("kind"), str(ev.get("message", "worker error"))
+def _worker_error(ev: p.Error) -> Exception:
+    """The API error for a worker's (or the runner's own) error event."""
+    kind, msg, param = ev.kind, ev.message, ev.param
     if kind == "context_length":
-        return ContextLengthExceeded(msg)
+        return ContextLengthExceeded(msg, param=param)
     if kind == "bad_request":
-        return BadRequest(msg)
+        return BadRequest(msg, param=param)
     if kind == "deadline":
         return DeadlineExceeded(msg)
     if kind == "governor":
-        return Unavailable(msg, code="overloaded", retry_after=ev.get("retry_after"))
-    if kind in ("unavailable", "crash"):
-        return Unavailable(msg)
-    return Unavailable(f"the model failed on this request: {msg}", code="inference_failed")
+        return Unavailable(msg, code="overloaded", retry_after=ev.retry_after)
+    if kind == "shutting_down":
+        return Unavailable(msg, code="shutting_down", retry_after=ev.retry_after)
+    if kind == "unavailable":
+        return Unavailable(msg, retry_after=ev.retry_after)
+    # "internal": the worker logged the details; its message is a fixed sentence, never exception text.
+    return Unavailable("the model failed on this request; the daemon log has the details",
+                       code="inference_failed", retry_after=1)

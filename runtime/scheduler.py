@@ -1,81 +1,27 @@
 """Scheduling requests onto workers: the served models by name, and box-wide admission control.
 
 Each served model family is a `runtime.runner.ModelRunner` (supervised worker, bounded
-queue, hot swaps). `Controls` is what the governor turns: whether new work is admitted
-at all (closed while the box is critical: 503 with Retry-After), and how many
-generations may run at once across all models (fewer while constrained).
+queue, hot swaps); `runtime.controls.Controls` is the box-wide admission and concurrency.
+
+Shutdown (SIGTERM) is `Scheduler.shutdown`: admission closes (new requests: 503
+`shutting_down` with Retry-After), no queued request is dispatched any more, every queued
+request is answered 503 `shutting_down` with Retry-After, and running generations get
+the drain time to finish; past it they are cancelled and their streams end with an
+error event (503 `interrupted`). Then `stop` stops the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
-from runtime.errors import NotFound, Unavailable
+from runtime.controls import Controls, SchedulerConfig
+from runtime.errors import NotFound
 from runtime.runner import Job, ModelRunner
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Controls", "Job", "ModelRunner", "Scheduler", "SchedulerConfig"]
-
-
-@dataclass
-class SchedulerConfig:
-    """Knobs the scheduler takes from the daemon's settings."""
-
-    queue_size: int = 16
-    request_timeout: float = 300.0
-    n_ctx: int = 2048
-    threads: int = 2
-    load_timeout: float = 120.0
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    swap_drain_seconds: float = 30.0
-
-
-class Controls:
-    """Box-wide admission and concurrency, set by the governor."""
-
-    def __init__(self) -> None:
-        self.admitting = True
-        self.reason = ""
-        self.retry_after = 30.0
-        #: Most generations running at once across all models; 0 = no limit.
-        self.limit = 0
-        self._active = 0
-        self._cond = asyncio.Condition()
-
-    def check_admission(self) -> None:
-        """Raise 503 with Retry-After while admission is closed."""
-        if not self.admitting:
-            raise Unavailable(self.reason, code="overloaded", retry_after=self.retry_after)
-
-    def close(self, reason: str, retry_after: float) -> None:
-        """Stop admitting new work."""
-        self.admitting, self.reason, self.retry_after = False, reason, retry_after
-
-    def open(self) -> None:
-        """Admit new work again."""
-        self.admitting, self.reason = True, ""
-
-    async def set_limit(self, limit: int) -> None:
-        """Change the concurrency limit (0 = none); running work is not interrupted."""
-        async with self._cond:
-            self.limit = limit
-            self._cond.notify_all()
-
-    async def acquire(self) -> None:
-        """Wait for a generation slot."""
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.limit == 0 or self._active < self.limit)
-            self._active += 1
-
-    async def release(self) -> None:
-        """Give a generation slot back."""
-        async with self._cond:
-            self._active -= 1
-            self._cond.notify_all()
 
 
 class Scheduler:
@@ -94,6 +40,16 @@ class Scheduler:
         """Start every runner (models load in parallel in their workers)."""
         for r in self.runners.values():
             await r.start()
+
+    async def shutdown(self, drain_seconds: float, retry_after: float) -> None:
+        """Stop taking and dispatching work, refuse the queued requests, drain the running ones."""
+        reason = "the service is shutting down"
+        self.controls.close(f"{reason}; retry later", retry_after, code="shutting_down")
+        for r in self.runners.values():
+            r.pause_dispatch()
+            r.fail_queued("shutting_down", f"{reason} before this request could start; retry it later",
+                          retry_after)
+        await asyncio.gather(*(r.drain(drain_seconds, reason) for r in self.runners.values()))
 
     async def stop(self) -> None:
         """Stop every runner."""

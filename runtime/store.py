@@ -5,6 +5,13 @@ Layout under the state dir:
     blobs/sha256-<hex>   model files, named by the SHA-256 of their content
     staging/             partial copies; same filesystem as blobs/ so a rename is atomic
     catalog.json         families -> variants (digests), written atomically
+    .store.lock          the store lock (see `ModelStore.lock`)
+
+The store lock is one `flock` on `.store.lock`, so it holds across processes (the
+`atoll` CLI and the daemon both change the store). Everything that adds or removes a
+blob, writes the catalog or cleans staging holds it: `add_file` from the first byte
+copied to the catalog write, an import from its first blob to its garbage collection,
+rollback, start-up recovery. Readers need no lock (every write is a rename).
 
 A blob's name is always a validated digest computed here while copying, never a path
 that came from outside. A family is a model the API serves under one name (e.g.
@@ -15,6 +22,7 @@ inspection, so a corrupt or truncated blob is reported as broken with its reason
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import datetime as dt
@@ -28,7 +36,7 @@ import mmap
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,12 +169,43 @@ class ModelStore:
 
     # -- the catalog ---------------------------------------------------------------------
 
+    @property
+    def lock_path(self) -> Path:
+        """The file whose flock is the store lock."""
+        return self.root / ".store.lock"
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def lock(self) -> Iterator[None]:
+        """Hold the store lock (blocking; not re-entrant: never nest it)."""
         self.ensure()
-        with (self.root / ".catalog.lock").open("a") as lk:
-            fcntl.flock(lk, fcntl.LOCK_EX)
+        with self.lock_path.open("a") as lk:
+            try:
+                fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for the store lock (another add, import or clean-up is running)")
+                fcntl.flock(lk, fcntl.LOCK_EX)
             yield
+
+    @contextlib.asynccontextmanager
+    async def lock_async(self, poll: float = 0.05) -> AsyncIterator[None]:
+        """Hold the store lock from async code: polled, so it never blocks the loop and can be cancelled."""
+        await asyncio.to_thread(self.ensure)
+        with self.lock_path.open("a") as lk:
+            logged = False
+            while True:
+                try:
+                    fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not logged:
+                        log.info("waiting for the store lock (another add, import or clean-up is running)")
+                        logged = True
+                    await asyncio.sleep(poll)
+            yield
+
+    def read_catalog(self) -> dict[str, Any]:
+        """The parsed catalog ({"families": {}} when absent); StoreError if it cannot be read."""
+        return self._read_catalog()
 
     def _read_catalog(self) -> dict[str, Any]:
         try:
@@ -205,11 +244,12 @@ class ModelStore:
             task = "embed" if info.is_embedding_model else "generate"
         if task not in TASKS:
             raise StoreError(f"unknown task {task!r}: one of {', '.join(TASKS)}")
-        with self._locked():  # refuse before copying anything: an unreadable catalog, a task mismatch
-            self._check_family(self._read_catalog(), fam, task)
-        with p.open("rb") as f:
-            digest, size = self.ingest(f)
-        with self._locked():
+        # one hold of the store lock from the copy to the catalog write: garbage collection
+        # cannot see the new blob before the catalog lists it
+        with self.lock():
+            self._check_family(self._read_catalog(), fam, task)  # refuse before copying anything
+            with p.open("rb") as f:
+                digest, size = self.ingest(f)
             cat = self._read_catalog()
             self._check_family(cat, fam, task)
             entry = cat["families"].setdefault(fam, {"task": task, "variants": []})

@@ -1,18 +1,19 @@
-"""The daemon's side of one worker process: spawn it, talk JSON lines to it, notice its death."""
+"""The daemon's side of one worker process: spawn it, talk the typed protocol to it, notice its death."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
+import itertools
 import logging
 import os
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from runtime import protocol as p
 from runtime.errors import Unavailable, WorkerCrashed
 from runtime.lifeline import PARENT_ENV
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Longest event line accepted from a worker (embeddings of many inputs are large).
 LINE_LIMIT = 64 * 1024 * 1024
+#: Seconds a worker has to answer a stats query (its reader thread answers at once).
+STATS_TIMEOUT = 10.0
 #: Where the `runtime` package lives, so the worker imports the same code as the daemon.
 _SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -53,8 +56,9 @@ class WorkerProcess:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.proc: asyncio.subprocess.Process | None = None
-        self.ready_info: dict[str, Any] = {}
-        self._queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self.ready_info: p.Ready | None = None
+        self._queues: dict[str, asyncio.Queue[p.Event]] = {}
+        self._stats_ids = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
         self._stderr_task: asyncio.Task[None] | None = None
         self.exited = asyncio.Event()
@@ -64,7 +68,7 @@ class WorkerProcess:
         """Process id, if started."""
         return self.proc.pid if self.proc else None
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> p.Ready:
         """Spawn the worker and wait until its model is loaded; return its ready event."""
         env = dict(os.environ)
         env["PYTHONPATH"] = _SOURCE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -88,7 +92,16 @@ class WorkerProcess:
             self.exited.set()
             raise Unavailable(f"worker exited with status {rc} while loading "
                               f"{os.path.basename(self.spec.model_path)}")
-        self.ready_info = json.loads(line)
+        try:
+            ready = p.decode_event(line)
+        except p.ProtocolError as e:
+            await self.kill()
+            raise Unavailable(f"worker for {os.path.basename(self.spec.model_path)} answered with an invalid "
+                              f"ready line ({e})") from None
+        if not isinstance(ready, p.Ready):
+            await self.kill()
+            raise Unavailable(f"worker for {os.path.basename(self.spec.model_path)} did not announce readiness")
+        self.ready_info = ready
         self._reader = asyncio.create_task(self._read())
         return self.ready_info
 
@@ -103,11 +116,11 @@ class WorkerProcess:
         assert self.proc is not None and self.proc.stdout is not None
         try:
             async for line in self.proc.stdout:
-                ev = json.loads(line)
-                q = self._queues.get(str(ev.get("id")))
+                ev = p.decode_event(line)
+                q = self._queues.get(getattr(ev, "id", ""))
                 if q is not None:
                     q.put_nowait(ev)
-        except (ValueError, asyncio.LimitOverrunError) as e:
+        except (p.ProtocolError, ValueError, asyncio.LimitOverrunError) as e:
             log.error("worker %s sent a bad event line (%s); stopping it", self.pid, e)
             await self.kill()
         rc = await self.proc.wait()
@@ -115,18 +128,37 @@ class WorkerProcess:
         if self._queues:
             log.error("worker %s (%s) died with status %s during %d request(s)", self.pid,
                       os.path.basename(self.spec.model_path), rc, len(self._queues))
-        crash = {"ev": "crash", "returncode": rc}
+        crash = p.Crash(returncode=rc)
         for q in self._queues.values():
             q.put_nowait(crash)
 
-    def open(self, rid: str, request: dict[str, Any]) -> asyncio.Queue[dict[str, Any]]:
-        """Send a request; return the queue its events arrive on (a 'crash' event if the worker dies)."""
+    def open(self, rid: str, request: p.Generate | p.Embed,
+             timeout: float | None = None) -> asyncio.Queue[p.Event]:
+        """Send a request (with the seconds left before its deadline); return the queue its events
+        arrive on (a `Crash` event if the worker dies)."""
         if self.proc is None or self.proc.stdin is None or self.exited.is_set():
             raise WorkerCrashed("the model's worker is not running; it is being restarted")
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        q: asyncio.Queue[p.Event] = asyncio.Queue()
         self._queues[rid] = q
-        self.proc.stdin.write((json.dumps({**request, "id": rid}) + "\n").encode())
+        self.proc.stdin.write(p.encode(dataclasses.replace(request, id=rid, timeout=timeout)))
         return q
+
+    async def stats(self) -> p.Stats:
+        """The worker's counters (requests received, prompts processed, prompt tokens)."""
+        rid = f"stats-{next(self._stats_ids)}"
+        if self.proc is None or self.proc.stdin is None or self.exited.is_set():
+            raise WorkerCrashed("the model's worker is not running")
+        q: asyncio.Queue[p.Event] = asyncio.Queue()
+        self._queues[rid] = q
+        try:
+            self.proc.stdin.write(p.encode(p.StatsQuery(id=rid)))
+            async with asyncio.timeout(STATS_TIMEOUT):
+                ev = await q.get()
+        finally:
+            self._queues.pop(rid, None)
+        if not isinstance(ev, p.Stats):
+            raise WorkerCrashed("the model's worker died before answering")
+        return ev
 
     def close(self, rid: str) -> None:
         """Forget a finished request's queue."""
@@ -135,7 +167,7 @@ class WorkerProcess:
     def cancel(self, rid: str) -> None:
         """Ask the worker to stop generating for this request."""
         if self.proc and self.proc.stdin and not self.exited.is_set() and rid in self._queues:
-            self.proc.stdin.write((json.dumps({"op": "cancel", "id": rid}) + "\n").encode())
+            self.proc.stdin.write(p.encode(p.Cancel(id=rid)))
 
     async def kill(self) -> None:
         """SIGKILL the worker."""

@@ -16,27 +16,26 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from runtime.errors import AtollError
 from runtime.store import ModelStore
-from sync.copy import Progress, ProgressCallback, copy_all
+from sync.copy import BlobOpener, Progress, ProgressCallback, copy_all, dir_blobs
 from sync.errors import (
     AlreadyInstalled,
     BundleRejected,
     ImportFailed,
     ImportInProgress,
-    InsufficientSpace,
     RollbackUnavailable,
 )
 from sync.fsutil import atomic_write, format_time, fsync_dir
 from sync.health import DEFAULT_HEALTH_CHECKS, HealthCheck
-from sync.recovery import collect_garbage, undo_import
+from sync.recovery import clean_staging, collect_garbage, undo_import
 from sync.state import (
     STATE_FILE,
     Release,
@@ -47,7 +46,7 @@ from sync.state import (
     switch_current,
     write_release,
 )
-from sync.tarball import extract_bundle_tar
+from sync.tarball import read_bundle_tar
 from sync.verify import SyncConfig, VerifiedBundle, verify_bundle
 
 log = logging.getLogger(__name__)
@@ -132,16 +131,19 @@ class SyncManager:
 
     @contextlib.asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
+        """Exclusive import/rollback (a second one gets 409), then the store lock (waited for:
+        an `atoll models add` in another process finishes first)."""
         if self._lock.locked():
             raise ImportInProgress("an import or rollback is already running")
         async with self._lock:
-            self.store.ensure()
+            await asyncio.to_thread(self.store.ensure)
             with (self.state_dir / ".sync.lock").open("a") as lk:
                 try:
                     fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError as e:
                     raise ImportInProgress("another process holds the sync lock") from e
-                yield
+                async with self.store.lock_async():
+                    yield
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -154,7 +156,8 @@ class SyncManager:
                 fcntl.flock(lk, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as e:
                 raise ImportInProgress("an import is running; recover only at start-up") from e
-            return self._recover()
+            with self.store.lock():
+                return self._recover()
 
     def _recover(self) -> str | None:
         st = SyncState.load(self.state_dir)
@@ -175,59 +178,92 @@ class SyncManager:
             self.audit("sync.recovered", {"current": st.current})
         if st.current is not None or what:
             collect_garbage(self.state_dir, st, at_startup=True)
+        else:  # no release yet: nothing to collect, but a killed upload or import may have left staging
+            clean_staging(self.state_dir, all_entries=True)
         self._undo_file.unlink(missing_ok=True)
         return what
 
     # -- import --------------------------------------------------------------------------
 
     async def import_tar(self, tar_path: str | os.PathLike[str]) -> ImportResult:
-        """Import a bundle packed as a tar file: strict extraction into staging, then import_bundle."""
-        self.store.ensure()
-        room = shutil.disk_usage(self.store.staging_dir).free - self.config.headroom_bytes
+        """Import a bundle packed as a tar file: headers checked and metadata read first, blobs
+        streamed from the tar into the store only after the signatures verified (sync.tarball)."""
         try:
-            if room <= 0:
-                raise InsufficientSpace("no room on the store's filesystem to unpack the tar file")
-            work = await asyncio.to_thread(extract_bundle_tar, Path(tar_path), self.store.staging_dir, room)
-        except BundleRejected as e:
-            self.audit("sync.import.rejected", {"path": str(tar_path), "code": e.code, "message": e.message})
-            raise
-        try:
-            return await self.import_bundle(work)
-        finally:
-            await asyncio.to_thread(_rmtree, work)
-
-    async def import_bundle(self, path: str | os.PathLike[str]) -> ImportResult:
-        """Verify and apply the bundle at `path` (stick mount, ATOLL/ dir or bundle.json)."""
-        async with self._locked():
-            if SyncState.load(self.state_dir).pending is not None:
-                await asyncio.to_thread(self._recover)
-            self.progress = Progress(phase="verifying")
-            self._notify()
-            self.audit("sync.import.started", {"path": str(path)})
-            t0 = time.monotonic()
-            st = SyncState.load(self.state_dir)
-            try:
-                vb = await asyncio.to_thread(verify_bundle, Path(path), self.state_dir, self.config, state=st)
-            except AlreadyInstalled as e:
-                self._phase("done")
-                self.audit("sync.import.noop", {"path": str(path), "reason": e.message})
-                return ImportResult("already_installed", st.highest_sequence, "", 0, 0, 0.0)
-            except BundleRejected as e:
-                self.progress.error = e.message
-                self._phase("failed")
-                self.audit("sync.import.rejected", {"path": str(path), "code": e.code, "message": e.message})
+            await asyncio.to_thread(self.store.ensure)
+            bundle = await asyncio.to_thread(read_bundle_tar, Path(tar_path), self.store.staging_dir)
+        except BaseException as e:
+            if self.busy:  # another import's progress is shown: record this refusal in the audit log only
+                self.audit("sync.import.rejected", {"path": str(tar_path), "code": getattr(e, "code", "bad_tar"),
+                                                    "message": getattr(e, "message", "unreadable tar")})
                 raise
-            m = vb.manifest
-            self.progress.sequence = m.sequence
-            self.progress.files_total, self.progress.bytes_total = len(m.files), m.total_size
-            self.audit("sync.import.verified", {"sequence": m.sequence, "version": m.version,
-                                                "bundle_digest": m.digest, "root_version": vb.root.version})
-            self.checkpoint("verified")
-            result = await self._apply(vb, st, t0)
-            self.audit("sync.import.installed", result.to_json())
-            return result
+            self.progress = Progress(phase="reading")
+            self._fail(e, tar_path)
+        try:
+            return await self.import_bundle(bundle.work, open_blob=bundle.open_blob)
+        finally:
+            await asyncio.to_thread(bundle.remove)
 
-    async def _apply(self, vb: VerifiedBundle, st: SyncState, t0: float) -> ImportResult:
+    async def import_bundle(self, path: str | os.PathLike[str], *,
+                            open_blob: BlobOpener | None = None) -> ImportResult:
+        """Verify and apply the bundle at `path` (stick mount, ATOLL/ dir or bundle.json).
+
+        `open_blob` reads the listed blobs from elsewhere (a tar); by default from ATOLL/blobs.
+        Whatever goes wrong ends as a recorded, audited failure: progress phase "failed" with
+        the error, and an ImportFailed (with no internal text) for an unexpected exception.
+        """
+        async with self._locked():
+            try:
+                return await self._import(Path(path), open_blob)
+            except BaseException as e:
+                self._fail(e, path)
+
+    def _fail(self, e: BaseException, path: str | os.PathLike[str]) -> NoReturn:
+        """Record an import's end by `e` (unless the step that raised did), then raise it (an
+        unexpected exception as ImportFailed, its text in the log only). Call from an except block."""
+        out: BaseException = e
+        if isinstance(e, Exception) and not isinstance(e, AtollError):
+            log.error("import of %s failed with an unexpected error", path, exc_info=e)
+            out = ImportFailed(f"import of {path} failed with an internal error; the daemon log has the details")
+        if self.progress.phase not in ("failed", "done"):
+            self._record_failure(out, path)
+        if out is e:
+            raise
+        raise out from e
+
+    def _record_failure(self, out: BaseException, path: str | os.PathLike[str]) -> None:
+        message = getattr(out, "message", None) or "the import was cancelled"
+        code = getattr(out, "code", "cancelled")
+        self.progress.error = message
+        self._phase("failed")
+        event = "sync.import.rejected" if isinstance(out, BundleRejected) else "sync.import.failed"
+        self.audit(event, {"path": str(path), "sequence": self.progress.sequence, "code": code,
+                           "message": message})
+
+    async def _import(self, path: Path, open_blob: BlobOpener | None) -> ImportResult:
+        self.progress = Progress(phase="verifying")
+        self._notify()
+        if (await asyncio.to_thread(SyncState.load, self.state_dir)).pending is not None:
+            await asyncio.to_thread(self._recover)
+        self.audit("sync.import.started", {"path": str(path)})
+        t0 = time.monotonic()
+        st = await asyncio.to_thread(SyncState.load, self.state_dir)
+        try:
+            vb = await asyncio.to_thread(verify_bundle, path, self.state_dir, self.config, state=st)
+        except AlreadyInstalled as e:
+            self._phase("done")
+            self.audit("sync.import.noop", {"path": str(path), "reason": e.message})
+            return ImportResult("already_installed", st.highest_sequence, "", 0, 0, 0.0)
+        m = vb.manifest
+        self.progress.sequence = m.sequence
+        self.progress.files_total, self.progress.bytes_total = len(m.files), m.total_size
+        self.audit("sync.import.verified", {"sequence": m.sequence, "version": m.version,
+                                            "bundle_digest": m.digest, "root_version": vb.root.version})
+        self.checkpoint("verified")
+        result = await self._apply(vb, st, t0, open_blob or dir_blobs(vb.atoll_dir))
+        self.audit("sync.import.installed", result.to_json())
+        return result
+
+    async def _apply(self, vb: VerifiedBundle, st: SyncState, t0: float, open_blob: BlobOpener) -> ImportResult:
         m = vb.manifest
         state_file = self.state_dir / STATE_FILE
         state_existed = state_file.exists()
@@ -242,7 +278,7 @@ class SyncManager:
         try:
             self._phase("copying")
             # a plain executor future, so a cancelled import can wait for the copy thread to stop
-            copying = self._executor.submit(copy_all, self.store, vb.atoll_dir, m.files, self.progress,
+            copying = self._executor.submit(copy_all, self.store, open_blob, m.files, self.progress,
                                             self._notify, self.checkpoint, added, cancel)
             await asyncio.wrap_future(copying)
             self._phase("building")
@@ -259,7 +295,7 @@ class SyncManager:
                 self.checkpoint("root_written")
             self._phase("committing")
             committed = replace(st, current=m.sequence, previous=st.current, highest_sequence=m.sequence,
-                                highest_digest=m.digest, newest_created=max(st.newest_created, m.created),
+                                highest_digest=m.digest, newest_created=vb.time_floor,
                                 pending=None)
             await asyncio.to_thread(committed.save, self.state_dir)
             self._undo_file.unlink(missing_ok=True)
@@ -274,14 +310,7 @@ class SyncManager:
             if undo.exception() is not None:
                 log.error("could not undo the import of %d; start-up recovery will: %r",
                           m.sequence, undo.exception())
-            self.progress.error = getattr(e, "message", None) or repr(e)
-            self._phase("failed")
-            code = getattr(e, "code", "import_failed")
-            self.audit("sync.import.failed",
-                       {"sequence": m.sequence, "code": code, "message": self.progress.error})
-            if isinstance(e, BundleRejected | ImportFailed) or not isinstance(e, Exception):
-                raise
-            raise ImportFailed(f"import of bundle {m.sequence} failed: {e!r}") from e
+            self._fail(e, vb.atoll_dir)
         self._phase("cleaning")
         await asyncio.to_thread(collect_garbage, self.state_dir, committed)
         self.checkpoint("cleaned")
@@ -322,9 +351,13 @@ class SyncManager:
                                f"{self.config.health_timeout:g} s", code="health_check_timeout") from e
         except (BundleRejected, ImportFailed):
             raise
-        except Exception as e:
-            raise ImportFailed(f"health check of release {release.sequence} failed: {e}",
+        except AtollError as e:
+            raise ImportFailed(f"health check of release {release.sequence} failed: {e.message}",
                                code="health_check_failed") from e
+        except Exception as e:
+            log.error("health check of release %d raised", release.sequence, exc_info=e)
+            raise ImportFailed(f"health check of release {release.sequence} failed with an internal error; "
+                               "the log has the details", code="health_check_failed") from e
 
     # -- rollback ------------------------------------------------------------------------
 
@@ -341,8 +374,4 @@ class SyncManager:
             self.audit("sync.rollback", {"from": st.current, "to": prev.sequence})
             log.warning("rolled back from release %s to %s", st.current, prev.sequence)
             return prev
-
-
-def _rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 

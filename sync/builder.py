@@ -4,6 +4,7 @@
                   sequence=7, expires=time.time() + 90 * 86400)
     sign_bundle(out, load_signing_key(Path("release-1.key")))   # once per signer (k-of-n)
     check_bundle(out, root_path=Path("trust/1.root.json"))      # what the box will check
+    newest_root(Path("roots/"))                                 # the admin's newest root (its version signs)
 """
 
 from __future__ import annotations
@@ -20,16 +21,14 @@ from typing import Any
 
 from hardware.gguf import GGUFError, read_gguf
 from runtime.store import ModelStore, validate_family
-from sync.copy import blob_is_valid
-from sync.errors import BundleRejected, TrustError
+from sync.errors import AlreadyInstalled, TrustError
 from sync.fsutil import atomic_write, format_time, pretty_json, read_capped, strict_json
 from sync.keys import SigningKey
-from sync.manifest import SCHEMA, Manifest, parse_manifest
+from sync.manifest import MAX_MANIFEST_BYTES, SCHEMA, Manifest, parse_manifest
 from sync.policy import parse_policy
-from sync.roots import ROOT_NAME_RE, parse_root
+from sync.roots import MAX_ROOT_BYTES, ROOT_NAME_RE, Root, parse_root
 from sync.signatures import parse_signatures
-from sync.state import SyncState
-from sync.verify import MAX_SIGS_BYTES, SyncConfig, find_atoll_dir, verify_bundle
+from sync.verify import SyncConfig, check_contents, check_not_future, find_atoll_dir, verify_bundle
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,8 @@ def create_bundle(out: Path, *, models: dict[str, list[Path]], policy: Path, seq
     atoll = out / "ATOLL"
     if atoll.exists():
         raise TrustError(f"{atoll} already exists")
+    if created is not None:
+        check_not_future(created, time.time())
     pol_bytes = policy.read_bytes()
     parse_policy(pol_bytes)
     (atoll / "blobs").mkdir(parents=True)
@@ -95,6 +96,7 @@ def sign_bundle(path: Path, key: SigningKey) -> list[str]:
     """Add `key`'s signature over the exact bytes of bundle.json; return the key ids that have signed."""
     atoll = find_atoll_dir(path)
     raw = (atoll / "bundle.json").read_bytes()
+    check_not_future(parse_manifest(raw).created, time.time())  # a wrong clock upstream must not get signed
     sigs_path = atoll / "bundle.json.sigs"
     sigs: list[dict[str, str]] = json.loads(sigs_path.read_text()) if sigs_path.exists() else []
     sig = key.sign(raw)
@@ -113,11 +115,17 @@ class CheckReport:
     signers: list[str]
     files: int
     bytes: int
+    already_installed: bool = False
 
 
 def check_bundle(path: Path, *, root_path: Path | None = None, state_dir: Path | None = None,
                  config: SyncConfig | None = None) -> CheckReport:
-    """Run the box's checks (with the given root or a box's state dir) and hash every blob; raise if bad."""
+    """Run the box's own checks and hash every blob it would copy; raise the box's refusal if bad.
+
+    With `state_dir` (a box's state, or a copy of it) every check the box applies runs:
+    sequence floors, time floor, free space. With only `root_path` the bundle is checked as a
+    freshly provisioned box with that root would check it. Nothing is written either way.
+    """
     cfg = config or SyncConfig()
     with tempfile.TemporaryDirectory(prefix="atoll-verify-") as tmp:
         if state_dir is None:
@@ -126,20 +134,30 @@ def check_bundle(path: Path, *, root_path: Path | None = None, state_dir: Path |
             sd = Path(tmp)
             (sd / "trust").mkdir()
             shutil.copyfile(root_path, sd / "trust" / "root.json")
-            st = SyncState()
         else:
-            sd, st = state_dir, SyncState()  # ignore the box's sequence: this is a dry run
-            st.newest_created = SyncState.load(state_dir).newest_created
-        vb = verify_bundle(path, sd, cfg, check_space=False, state=st)
-    for f in vb.manifest.files:
-        if not blob_is_valid(vb.atoll_dir / "blobs" / f"sha256-{f.digest}", f):
-            raise BundleRejected(f"blobs/sha256-{f.digest} is missing or does not match",
-                                 code="blob_mismatch")
-    sigs_raw = read_capped(vb.atoll_dir / "bundle.json.sigs", MAX_SIGS_BYTES, what="sigs")
-    sigs = parse_signatures(strict_json(sigs_raw, what="sigs"), what="sigs")
+            sd = state_dir
+        try:
+            vb = verify_bundle(path, sd, cfg, check_space=state_dir is not None)
+        except AlreadyInstalled:
+            m = parse_manifest(read_capped(find_atoll_dir(path) / "bundle.json", MAX_MANIFEST_BYTES,
+                                           what="bundle.json"))
+            return CheckReport(m.sequence, m.version, m.root_version, [], len(m.files), m.total_size, True)
+        check_contents(vb, state_dir)
+    check_not_future(vb.manifest.created, cfg.clock(), cfg.clock_tolerance)
+    sigs = parse_signatures(strict_json(vb.sigs_raw, what="sigs"), what="sigs")
     signers = sorted({k for k, s in sigs if k in vb.root.keys and vb.root.keys[k].verify(s, vb.manifest.raw)})
     return CheckReport(vb.manifest.sequence, vb.manifest.version, vb.root.version, signers,
                        len(vb.manifest.files), vb.manifest.total_size)
+
+
+def newest_root(path: Path) -> Root:
+    """The root document at `path`, or the newest `<N>.root.json` in the directory `path`."""
+    if path.is_dir():
+        files = root_files(path)
+        if not files:
+            raise TrustError(f"no <N>.root.json file in {path}")
+        path = files[-1]
+    return parse_root(read_capped(path, MAX_ROOT_BYTES, what=str(path)), what=str(path))
 
 
 def root_files(directory: Path) -> tuple[Path, ...]:

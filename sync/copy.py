@@ -82,7 +82,30 @@ def blob_is_valid(path: Path, entry: FileEntry) -> bool:
     return size == entry.size and h.hexdigest() == entry.digest
 
 
-def copy_blob(store: ModelStore, blobs_dir: Path, entry: FileEntry, progress: Progress,
+#: Opens one listed blob of a bundle for reading (a file on a stick, a member of a tar);
+#: raises BundleRejected (code missing_blob, unsafe_file, ...) when it cannot.
+BlobOpener = Callable[[FileEntry], BinaryIO]
+
+
+def dir_blobs(atoll_dir: Path) -> BlobOpener:
+    """The opener for a bundle directory: ATOLL/blobs/sha256-<hex>, single-link regular files only."""
+    blobs_dir = atoll_dir / "blobs"
+
+    def open_blob(entry: FileEntry) -> BinaryIO:
+        if blobs_dir.is_symlink():
+            raise BundleRejected("ATOLL/blobs is a symlink", code="unsafe_file")
+        name = f"blobs/sha256-{entry.digest}"
+        try:
+            fd = open_regular(blobs_dir / f"sha256-{entry.digest}", what=name)
+        except BundleRejected as e:
+            code = "missing_blob" if e.code == "missing_file" else e.code
+            raise BundleRejected(e.message, code=code) from e
+        return os.fdopen(fd, "rb")
+
+    return open_blob
+
+
+def copy_blob(store: ModelStore, open_blob: BlobOpener, entry: FileEntry, progress: Progress,
               notify: Callable[[], None], cancel: threading.Event) -> bool:
     """Bring one listed blob into the store; return True if it was copied (False: present and valid)."""
     dest = store.blob_path(entry.digest)
@@ -94,14 +117,9 @@ def copy_blob(store: ModelStore, blobs_dir: Path, entry: FileEntry, progress: Pr
             notify()
             return False
         log.warning("store blob %s is damaged; copying it again from the bundle", name)
-    try:
-        fd = open_regular(blobs_dir / f"sha256-{entry.digest}", what=name)
-    except BundleRejected as e:
-        code = "missing_blob" if e.code == "missing_file" else e.code
-        raise BundleRejected(e.message, code=code) from e
     start = progress.bytes_done
     try:
-        with os.fdopen(fd, "rb") as src:
+        with open_blob(entry) as src:
             store.ingest(_Tracked(src, progress, notify, cancel),  # type: ignore[arg-type]
                          expected_digest=entry.digest, expected_size=entry.size)
     except StoreError as e:
@@ -115,18 +133,15 @@ def copy_blob(store: ModelStore, blobs_dir: Path, entry: FileEntry, progress: Pr
     return True
 
 
-def copy_all(store: ModelStore, atoll_dir: Path, files: tuple[FileEntry, ...], progress: Progress,
+def copy_all(store: ModelStore, open_blob: BlobOpener, files: tuple[FileEntry, ...], progress: Progress,
              notify: Callable[[], None], checkpoint: Callable[[str], None], added: list[str],
              cancel: threading.Event) -> None:
     """Copy every listed file (policy first: a bad policy fails fast); append new digests to `added`."""
-    blobs_dir = atoll_dir / "blobs"
-    if blobs_dir.is_symlink():
-        raise BundleRejected("ATOLL/blobs is a symlink", code="unsafe_file")
     ordered = sorted(files, key=lambda f: f.kind != "policy")
     for i, entry in enumerate(ordered):
         if cancel.is_set():
             raise ImportFailed("the import was cancelled", code="cancelled")
-        if copy_blob(store, blobs_dir, entry, progress, notify, cancel):
+        if copy_blob(store, open_blob, entry, progress, notify, cancel):
             added.append(entry.digest)
         if entry.kind == "policy":
             with store.blob_path(entry.digest).open("rb") as f:

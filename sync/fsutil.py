@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from runtime.store import fsync_dir as fsync_dir  # re-exported: one implementat
 from sync.errors import BundleRejected
 
 log = logging.getLogger(__name__)
+
+TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z", re.ASCII)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -106,13 +109,18 @@ def pretty_json(obj: Any) -> bytes:
 
 
 def parse_time(value: Any, *, field: str, code: str = "malformed_manifest") -> float:
-    """Parse an RFC 3339 UTC timestamp ('2026-01-02T03:04:05Z') into epoch seconds."""
-    if not isinstance(value, str) or not value.endswith("Z"):
-        raise BundleRejected(f"{field} must be a UTC timestamp like 2026-01-02T03:04:05Z", code=code)
+    """Parse exactly `YYYY-MM-DDTHH:MM:SSZ` (UTC, no fraction, no offset) into epoch seconds.
+
+    Anything else (a bare date, `+14:00Z`, fractions, lower-case `t`/`z`) is refused, so a
+    signed time means one thing only.
+    """
+    if not isinstance(value, str) or not TIME_RE.fullmatch(value):
+        raise BundleRejected(f"{field} must be a UTC timestamp exactly like 2026-01-02T03:04:05Z, "
+                             f"got {value!r}"[:200], code=code)
     try:
-        t = dt.datetime.fromisoformat(value[:-1]).replace(tzinfo=dt.UTC)
+        t = dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     except ValueError as e:
-        raise BundleRejected(f"{field} is not a timestamp: {value!r}", code=code) from e
+        raise BundleRejected(f"{field} is not a valid date and time: {value!r}", code=code) from e
     return t.timestamp()
 
 

@@ -3,7 +3,7 @@
 A check is `async (release, store) -> None` that raises to fail. The built-in ones
 validate the policy and read every model's GGUF header (which also catches truncation);
 the daemon adds its own (load the model in a fresh worker, run a smoke prompt) with
-`SyncManager(..., health_checks=(*DEFAULT_HEALTH_CHECKS, smoke_test))`.
+`SyncManager(..., health_checks=(*DEFAULT_HEALTH_CHECKS, daemon.smoke.ModelHealthCheck(...)))`.
 """
 
 from __future__ import annotations

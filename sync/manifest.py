@@ -91,11 +91,6 @@ def _digest(v: Any, name: str) -> str:
     return v
 
 
-def version_tuple(v: str) -> tuple[int, ...]:
-    """'0.1.10' -> (0, 1, 10) for comparisons."""
-    return tuple(int(p) for p in v.split("."))
-
-
 def parse_manifest(raw: bytes) -> Manifest:
     """Validate bundle.json bytes (already size-capped) and return the Manifest."""
     if len(raw) > MAX_MANIFEST_BYTES:
@@ -106,6 +101,8 @@ def parse_manifest(raw: bytes) -> Manifest:
     if set(doc) != TOP_KEYS:
         extra, missing = sorted(set(doc) - TOP_KEYS), sorted(TOP_KEYS - set(doc))
         raise _refuse(f"unknown keys {extra}, missing keys {missing}")
+    if type(doc["schema"]) is not int:  # a bool is not an int, and 1.0 is not 1
+        raise _refuse(f"schema must be the integer {SCHEMA}, got {doc['schema']!r}"[:200])
     if doc["schema"] != SCHEMA:
         raise BundleRejected(f"bundle.json schema {doc['schema']!r} is not supported (want {SCHEMA})",
                              code="unsupported_schema")
@@ -164,7 +161,7 @@ def parse_manifest(raw: bytes) -> Manifest:
         schema=SCHEMA, product=_str(doc["product"], "product", 64),
         compatible=tuple(_str(c, "compatible[]", 64) for c in compatible),
         sequence=_int(doc["sequence"], "sequence", 1, 2**53), version=_str(doc["version"], "version"),
-        created=parse_time(doc["created"], field="created"),
-        expires=parse_time(doc["expires"], field="expires"),
+        created=parse_time(doc["created"], field="bundle.json: created", code="bad_manifest"),
+        expires=parse_time(doc["expires"], field="bundle.json: expires", code="bad_manifest"),
         min_daemon_version=mdv, root_version=_int(doc["root_version"], "root_version", 1, 2**31),
         files=tuple(files), models=models, policy=policy, raw=raw)

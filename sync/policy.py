@@ -114,8 +114,9 @@ def parse_policy(data: bytes) -> Policy:
     tables = {"models", "limits", "thermal", "memory", "logging"}
     if extra := sorted(set(doc) - tables - {"schema"}):
         raise _bad(f"unknown key(s) at top level: {', '.join(extra)}")
-    if doc.get("schema") != 1:
-        raise _bad("schema must be 1")
+    schema = doc.get("schema")
+    if type(schema) is not int or schema != 1:  # exactly the integer: not true, not 1.0
+        raise _bad(f"schema must be the integer 1, got {schema!r}")
     models = _Table(doc, "models", {"allowed_families"})
     fams = models.t["allowed_families"]
     if not isinstance(fams, list) or not all(isinstance(f, str) and FAMILY_RE.fullmatch(f) for f in fams):

@@ -5,6 +5,12 @@ the canonical JSON of "signed" (sorted keys, no spaces, ASCII). Root N+1 is acce
 if version is exactly N+1 and it carries a threshold of valid signatures from root N's
 "root" role and from its own "root" role (the TUF rule). Only the newest root's expiry
 matters; an expired trusted root accepts nothing until a bundle brings a fresh one.
+
+A root may carry `"reset_floors": true`: when a box adopts it (through a chain), its
+anti-replay sequence floor and its time floor start again from zero. This is how the
+site's root keys recover from a bundle signer's mistake (a sequence of 2^53, a bundle
+dated in 2100). Replays stay impossible: every bundle signed before it names an older
+`root_version` and is refused `root_version_mismatch`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ ROOT_TYPE = "atoll-root"
 MAX_ROOT_BYTES = 256 * 1024
 MAX_ROTATIONS = 16
 MAX_KEYS = 64
+SIGNED_KEYS = frozenset({"type", "version", "expires", "keys", "roles"})
 ROOT_NAME_RE = re.compile(r"^([1-9][0-9]{0,8})\.root\.json$")
 
 
@@ -42,6 +49,16 @@ class Root:
     signatures: list[tuple[str, bytes]] = field(repr=False)
     signed_bytes: bytes = field(repr=False)
     raw: bytes = field(repr=False)
+    reset_floors: bool = False
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The newest trusted root after walking a bundle's chain, and whether a root on it resets the floors."""
+
+    root: Root
+    rotated: bool
+    reset_floors: bool
 
 
 def _bad(msg: str) -> BundleRejected:
@@ -54,12 +71,16 @@ def parse_root(raw: bytes, *, what: str = "root") -> Root:
     if not isinstance(doc, dict) or set(doc) != {"signed", "signatures"}:
         raise _bad(f"{what}: expected exactly 'signed' and 'signatures'")
     s = doc["signed"]
-    if not isinstance(s, dict) or set(s) != {"type", "version", "expires", "keys", "roles"}:
-        raise _bad(f"{what}: 'signed' must hold exactly type, version, expires, keys, roles")
+    if not isinstance(s, dict) or not SIGNED_KEYS <= set(s) <= SIGNED_KEYS | {"reset_floors"}:
+        raise _bad(f"{what}: 'signed' must hold exactly type, version, expires, keys, roles "
+                   "(and optionally reset_floors)")
+    reset = s.get("reset_floors", False)
+    if type(reset) is not bool:
+        raise _bad(f"{what}: reset_floors must be true or false")
     if s["type"] != ROOT_TYPE:
         raise _bad(f"{what}: type must be {ROOT_TYPE!r}")
     version = s["version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    if type(version) is not int or version < 1:
         raise _bad(f"{what}: version must be a positive integer")
     expires = parse_time(s["expires"], field=f"{what}.expires", code="malformed_root")
     if not isinstance(s["keys"], dict) or not 0 < len(s["keys"]) <= MAX_KEYS:
@@ -81,11 +102,11 @@ def parse_root(raw: bytes, *, what: str = "root") -> Root:
         if not isinstance(kids, list) or not all(isinstance(k, str) and k in keys for k in kids) \
                 or len(set(kids)) != len(kids):
             raise _bad(f"{what}: role {name}: keyids must be distinct ids from 'keys'")
-        if not isinstance(th, int) or isinstance(th, bool) or not 1 <= th <= len(kids):
+        if type(th) is not int or not 1 <= th <= len(kids):
             raise _bad(f"{what}: role {name}: threshold must be 1..{len(kids)}")
         roles[name] = Role(frozenset(kids), th)
     sigs = parse_signatures(doc["signatures"], what=what)
-    return Root(version, expires, keys, roles, sigs, canonical_json(s), raw)
+    return Root(version, expires, keys, roles, sigs, canonical_json(s), raw, reset)
 
 
 def check_self_signed(root: Root, *, what: str = "root") -> None:
@@ -111,8 +132,12 @@ def check_successor(old: Root, new: Root, *, what: str) -> None:
         raise BundleRejected(e.message, code="root_not_signed_by_new") from e
 
 
-def walk_chain(trusted: Root, root_dir: Path, now: float, *, max_rotations: int = MAX_ROTATIONS) -> Root:
-    """Follow `<N>.root.json` in root_dir from trusted.version+1 upward; return the newest trusted root."""
+def walk_chain(trusted: Root, root_dir: Path, *, max_rotations: int = MAX_ROTATIONS) -> Chain:
+    """Follow `<N>.root.json` in root_dir from trusted.version+1 upward; return the newest trusted root.
+
+    Expiry is not checked here: the caller knows the box's time floor, which a root on the
+    chain may reset (check_root_expiry).
+    """
     versions: set[int] = set()
     if root_dir.is_dir() and not root_dir.is_symlink():
         for name in os.listdir(root_dir):
@@ -122,7 +147,7 @@ def walk_chain(trusted: Root, root_dir: Path, now: float, *, max_rotations: int 
     if len(versions) > max_rotations:
         raise BundleRejected(f"bundle carries {len(versions)} root rotations, at most {max_rotations}",
                              code="too_many_rotations")
-    current = trusted
+    current, reset = trusted, False
     for v in sorted(versions):
         what = f"root/{v}.root.json"
         if v != current.version + 1:
@@ -132,22 +157,30 @@ def walk_chain(trusted: Root, root_dir: Path, now: float, *, max_rotations: int 
         if new.version != v:
             raise BundleRejected(f"{what} says version {new.version}", code="root_version_gap")
         check_successor(current, new, what=what)
-        log.info("root rotation v%d -> v%d verified", current.version, new.version)
-        current = new
-    if current.expires <= now:
-        raise BundleRejected(f"trust root v{current.version} expired at {format_time(current.expires)}",
+        log.info("root rotation v%d -> v%d verified%s", current.version, new.version,
+                 " (it resets the sequence and time floors)" if new.reset_floors else "")
+        current, reset = new, reset or new.reset_floors
+    return Chain(current, current is not trusted, reset)
+
+
+def check_root_expiry(root: Root, now: float) -> None:
+    """Refuse `root_expired` if the root's expiry is not after `now` (the box's time floor)."""
+    if root.expires <= now:
+        raise BundleRejected(f"trust root v{root.version} expired at {format_time(root.expires)}",
                              code="root_expired")
-    return current
 
 
 def new_root_document(version: int, expires: float, keys: list[PublicKey],
-                      roles: dict[str, tuple[list[str], int]]) -> dict[str, Any]:
-    """An unsigned root document; roles map name -> (keyids, threshold)."""
-    doc = {"signed": {
+                      roles: dict[str, tuple[list[str], int]], *, reset_floors: bool = False) -> dict[str, Any]:
+    """An unsigned root document; roles map name -> (keyids, threshold); reset_floors see the module doc."""
+    signed: dict[str, Any] = {
         "type": ROOT_TYPE, "version": version, "expires": format_time(expires),
         "keys": {k.keyid: {"scheme": "ed25519", "public": k.to_json()["public"]} for k in keys},
         "roles": {n: {"keyids": sorted(kids), "threshold": th} for n, (kids, th) in roles.items()},
-    }, "signatures": []}
+    }
+    if reset_floors:
+        signed["reset_floors"] = True
+    doc = {"signed": signed, "signatures": []}
     parse_root(canonical_json(doc))  # structural check before anyone signs it
     return doc
 

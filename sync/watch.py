@@ -79,6 +79,11 @@ class UsbWatcher:
         self._timers: dict[Path, asyncio.TimerHandle] = {}
         self._running: set[Path] = set()
 
+    @property
+    def busy(self) -> bool:
+        """True while a scan, a debounce timer or an import is pending."""
+        return bool(self._tasks or self._timers)
+
     async def start(self) -> None:
         """Start observing the media directories that exist (others are logged and skipped)."""
         self._loop = asyncio.get_running_loop()

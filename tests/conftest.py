@@ -20,6 +20,7 @@ from daemon.auth import create_token
 from daemon.config import Settings
 from daemon.services import bootstrap
 from runtime.store import ModelStore
+from tests.blocking import Detections, detector
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -41,6 +42,15 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("ATOLL_MODELS_DIR", ROOT / ".cache" / "models"))
 SMOLLM2 = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = MODELS_DIR / "gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[Detections]:
+    """Fail the test when product code blocks a running event loop (see tests/blocking.py)."""
+    with detector() as seen:
+        yield seen
+    if seen.sites:
+        pytest.fail("blocking call(s) on the event loop:\n" + "\n".join(dict.fromkeys(seen.sites)), pytrace=False)
 
 
 def _need(path: Path) -> Path:
@@ -157,8 +167,8 @@ async def make_app(aiohttp_client: Any, state_dir: Path) -> AsyncIterator[Callab
 @pytest.fixture
 def direct_llama(smollm2_path: Path) -> Iterator[Any]:
     """llama-cpp-python called directly in this process, same model and threads as the workers."""
-    from llama_cpp import Llama
+    from runtime.worker import load_llama
 
-    llm = Llama(model_path=str(smollm2_path), n_ctx=512, n_threads=2, verbose=False)
+    llm = load_llama(str(smollm2_path), n_ctx=512, n_threads=2, verbose=False)
     yield llm
     llm.close()

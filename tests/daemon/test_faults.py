@@ -31,19 +31,24 @@ async def test_worker_killed_under_load_fails_in_flight_with_503_then_recovers(m
     app = await make_app()
     pid = (await status(app))["worker_pid"]
 
-    async def one(stream: bool) -> tuple[int, str]:
-        r = await app.client.post("/v1/chat/completions", headers=app.headers(), json={**LONG, "stream": stream})
+    async def one() -> tuple[int, str]:
+        r = await app.client.post("/v1/chat/completions", headers=app.headers(), json=LONG)
         return r.status, await r.text()
 
-    tasks = [asyncio.create_task(one(stream=i == 0)) for i in range(4)]
-    # wait until the first request is generating, then kill -9 the worker
+    # the streaming request is generating (its first token is out), three more wait in the queue...
+    streamed = await app.client.post("/v1/chat/completions", headers=app.headers(), json={**LONG, "stream": True})
+    first = b""
     async with asyncio.timeout(30):
-        while not (await status(app))["running"]:
+        while not first.startswith(b"data: {"):
+            first = await streamed.content.readline()
+    tasks = [asyncio.create_task(one()) for _ in range(3)]
+    async with asyncio.timeout(30):
+        while (await status(app))["queued"] < 3:
             await asyncio.sleep(0.02)
-    await asyncio.sleep(0.2)
+    # ...then kill -9 the worker
     os.kill(pid, signal.SIGKILL)
-    results = await asyncio.gather(*tasks)
-    streamed_status, streamed_body = results[0]
+    streamed_status, streamed_body = streamed.status, first.decode() + await streamed.text()
+    results = [(streamed_status, streamed_body), *await asyncio.gather(*tasks)]
     # the streaming request had already sent its headers: it ends with an error event
     assert streamed_status == 200 and '"worker_crashed"' in streamed_body and "[DONE]" not in streamed_body
     # the queued requests wait for the restarted worker and succeed; none gets a 500

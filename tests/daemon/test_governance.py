@@ -37,6 +37,10 @@ async def wait_for(app: Any, pred: Any, timeout: float = 20) -> dict[str, Any]:
             await asyncio.sleep(0.1)
 
 
+async def status(app: Any) -> dict[str, Any]:
+    return dict((await (await app.client.get("/admin/status", headers=app.headers(admin=True))).json())["models"][0])
+
+
 async def two_variant_app(make_app: Any, state_dir: Path, tmp_path: Path, q4_0: Path, points: Any,
                           **kw: Any) -> tuple[Any, Any]:
     small = ModelStore(state_dir).add_file(q4_0, family="smollm2")
@@ -66,17 +70,26 @@ async def test_constrained_swaps_to_the_smaller_variant_and_limits_concurrency(
 @pytest.mark.parametrize("damage", ["missing", "not-gguf"])
 async def test_variant_missing_or_corrupt_at_swap_time_stays_on_current(
         make_app, state_dir, tmp_path, smollm2_q4_0_path, damage) -> None:
-    app, small = await two_variant_app(make_app, state_dir, tmp_path, smollm2_q4_0_path, [(0, 50), (2, 83)])
+    # damage the blob as soon as the app has started (the store was inspected at bootstrap), not after the model
+    # load: on a slow box the load can outlast the replay's 2 s and the swap would be decided before the damage
+    app, small = await two_variant_app(make_app, state_dir, tmp_path, smollm2_q4_0_path, [(0, 50), (2, 83)],
+                                       wait=False)
     blob = ModelStore(state_dir).blob_path(small.digest)
     if damage == "missing":
         blob.unlink()
     else:
         blob.write_bytes(b"\0" * blob.stat().st_size)
-    hw = await wait_for(app, lambda h: h["governor"]["state"] == "constrained")
-    await asyncio.sleep(0.3)
-    hw = await hardware(app)
-    assert hw["swaps"]["smollm2"] == []  # never tried to load it
-    st = (await (await app.client.get("/admin/status", headers=app.headers(admin=True))).json())["models"][0]
+    await app.wait_ready()
+    await wait_for(app, lambda h: h["governor"]["state"] == "constrained")
+    # positive signal first: the swap decision ran and re-checked the blob (it marks the variant broken)...
+    async with asyncio.timeout(20):
+        while True:
+            st = await status(app)
+            if any(v["broken"] for v in st["variants"]):
+                break
+            await asyncio.sleep(0.05)
+    # ...and only then the absence: it never tried to load it
+    assert (await hardware(app))["swaps"]["smollm2"] == []
     assert st["quantization"] == "Q4_1" and st["state"] == "ready"
     broken = {v["quantization"]: v["broken"] for v in st["variants"]}
     assert broken["Q4_1"] is None

@@ -95,7 +95,7 @@ async def test_import_by_tar_upload(make_app, provisioned, tmp_path, keyring, sm
     app = await make_app()
     b = bundle(tmp_path, keyring, "b1", 1, {"sea": [smollm2_path]})
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         tf.add(b / "ATOLL", arcname="ATOLL")
     r = await app.client.post("/admin/bundles", data=buf.getvalue(),
                               headers={**app.headers(admin=True), "Content-Type": "application/x-tar"})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 import openai
 import psutil
@@ -87,8 +86,8 @@ def test_first_start_prints_one_admin_token_and_url_then_status_and_clean_stop(d
     assert psutil.pid_exists(worker_pid)
     # SIGTERM: the daemon drains, stops its workers and exits 0
     assert daemon.stop() == 0
-    time.sleep(0.2)
-    assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+    # checked at once, no grace: the daemon waits for (and reaps) its workers before it exits
+    assert not psutil.pid_exists(worker_pid)
     assert "atoll stopped" in "".join(daemon.lines)
 
 

@@ -90,7 +90,11 @@ def test_overheat_constrains_swaps_refuses_and_recovers(state_dir: Path, tmp_pat
                     get(d.url + "/admin/status", token)["models"][0]["quantization"] == "Q4_1":
                 break
             time.sleep(0.2)
-        time.sleep(1.0)
+        # serving after recovery: wait for two more requests to finish rather than for a fixed time
+        recovered_at = len(load.results)
+        deadline = time.monotonic() + 60
+        while len(load.results) < recovered_at + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         load.stop.set()
         load.join(timeout=60)
         hw = get(d.url + "/admin/hardware", token)

@@ -51,7 +51,7 @@ def provision(state_dir: Path, tmp_path: Path) -> Path:
 def make_bundle(out: Path, keys: Path, policy: Path, sequence: int, model: str) -> Path:
     """`atoll bundle create` + `atoll bundle sign` with the release key."""
     atoll("bundle", "create", "--model", model, "--policy", str(policy), "--sequence", str(sequence),
-          "--expires", "30d", "--out", str(out))
+          "--expires", "30d", "--out", str(out), "--root-version", "1")
     atoll("bundle", "sign", str(out), "--key", str(keys / "release1.key"))
     return out
 

@@ -7,24 +7,16 @@ import pytest
 
 from hardware.gguf import GGUFInfo, read_gguf
 
-MODELS = Path(__file__).resolve().parents[2] / ".cache" / "models"
 
-
-def _model(name: str) -> GGUFInfo:
-    path = MODELS / name
-    if not path.exists():
-        pytest.skip(f"{path} not fetched (see DESIGN.md, 'Models the tests and the demo use')")
-    return read_gguf(path)
+# the paths come from tests/conftest.py, which honours ATOLL_MODELS_DIR and fails loudly when a model is missing
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path: Path) -> GGUFInfo:
+    return read_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> GGUFInfo:
-    return _model("SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="session")
-def gemma3() -> GGUFInfo:
-    return _model("gemma-3-270m-q4_k_m.gguf")
+def gemma3(gemma_path: Path) -> GGUFInfo:
+    return read_gguf(gemma_path)
 
 
 @pytest.fixture(autouse=True)

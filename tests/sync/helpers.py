@@ -82,12 +82,13 @@ def write_json(path: Path, doc: dict) -> Path:
 def make_bundle(out: Path, kr: Keyring, seq: int, models: dict[str, list[Path]], *, policy: str = POLICY,
                 signers: list[SigningKey] | None = None, created: float | None = None,
                 expires: float | None = None, root_chain: tuple[Path, ...] = (), root_version: int = 1,
-                product: str = "atoll") -> Path:
+                product: str = "atoll", compatible: tuple[str, ...] = ("*",)) -> Path:
     """Create and sign a bundle directory (the 'stick'); return it."""
     pol = out.parent / f"{out.name}-policy.toml"
     pol.write_text(policy)
     create_bundle(out, models=models, policy=pol, sequence=seq, expires=expires or time.time() + 30 * DAY,
-                  created=created, root_chain=root_chain, root_version=root_version, product=product)
+                  created=created, root_chain=root_chain, root_version=root_version, product=product,
+                  compatible=compatible)
     for k in kr.bundle_keys[:2] if signers is None else signers:
         sign_bundle(out, k)
     return out

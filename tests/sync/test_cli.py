@@ -39,7 +39,7 @@ def test_admin_workflow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         g = write_gguf(tmp_path / f"m{seq}.gguf", salt=f"cli{seq}")
         out = tmp_path / f"bundle{seq}"
         run(capsys, "bundle", "create", "--model", f"tiny={g}", "--policy", pol, "--sequence", seq,
-            "--expires", "30d", "--out", out)
+            "--expires", "30d", "--out", out, "--root", tmp_path / "1.root.json")
         run(capsys, "bundle", "sign", out, "--key", keys / "b1.key")
         assert main(["bundle", "verify", str(out), "--root", str(tmp_path / "1.root.json")]) == 1
         assert "threshold_not_met" in capsys.readouterr().err

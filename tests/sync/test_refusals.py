@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,19 +13,33 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import AtollError
+from sync.builder import check_bundle
 from sync.errors import BundleRejected
 from sync.keys import SigningKey
+from sync.verify import SyncConfig
 from tests.sync.conftest import Box
 from tests.sync.helpers import DAY, POLICY, snapshot, write_json
 
 
 async def refused(box: Box, stick: Path, code: str, **mgr_kw: object) -> AtollError:
-    """Import `stick`, expect refusal with `code`, and assert the store is byte-for-byte unchanged."""
+    """Import `stick`, expect refusal with `code`, and assert the store is byte-for-byte unchanged.
+
+    `atoll bundle verify` (check_bundle) against the same box must refuse it with the same
+    code and change nothing either; only the daemon's own smoke prompt (custom health
+    checks here) is beyond it.
+    """
     before = snapshot(box.state_dir)
     with pytest.raises(AtollError) as ei:
         await box.manager(**mgr_kw).import_bundle(stick)
     assert ei.value.code == code, ei.value.message
     assert snapshot(box.state_dir) == before
+    if "health_checks" not in mgr_kw:
+        cfg = mgr_kw.get("config") or box.config()
+        assert isinstance(cfg, SyncConfig)
+        with pytest.raises(AtollError) as ev:
+            await asyncio.to_thread(check_bundle, stick, state_dir=box.state_dir, config=cfg)
+        assert ev.value.code == code, f"bundle verify said {ev.value.code}: {ev.value.message}"
+        assert snapshot(box.state_dir) == before
     return ei.value
 
 

@@ -88,19 +88,15 @@ async def test_progress_reports_phases_and_bytes(installed: Box) -> None:
     assert mgr.progress.files_done == mgr.progress.files_total == 2
 
 
-SMOLLM2 = Path(__file__).resolve().parents[2] / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.mark.skipif(not SMOLLM2.is_file(), reason="SmolLM2 not fetched (see DESIGN.md)")
-async def test_real_model_bundle(box: Box) -> None:
-    stick = box.bundle("real", 1, {"smollm2-135m": [SMOLLM2]})
+async def test_real_model_bundle(box: Box, smollm2_path: Path) -> None:
+    stick = box.bundle("real", 1, {"smollm2-135m": [smollm2_path]})
     res = await box.manager().import_bundle(stick)
     assert res.status == "installed" and res.bytes_copied > 90_000_000
     rel = read_current_release(box.state_dir)
     assert rel is not None
     (variant,) = rel.families["smollm2-135m"]
-    assert variant["quant"] == "Q4_1" and variant["source_name"] == SMOLLM2.name
-    assert (box.state_dir / "blobs" / f"sha256-{variant['digest']}").stat().st_size == SMOLLM2.stat().st_size
+    assert variant["quant"] == "Q4_1" and variant["source_name"] == smollm2_path.name
+    assert (box.state_dir / "blobs" / f"sha256-{variant['digest']}").stat().st_size == smollm2_path.stat().st_size
 
 
 async def test_stick_is_only_read(box: Box) -> None:

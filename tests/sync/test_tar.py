@@ -17,7 +17,7 @@ from tests.sync.helpers import snapshot
 
 def tar_of(stick: Path, out: Path, extra: Sequence[tuple[tarfile.TarInfo, bytes | None]] = ()) -> Path:
     """Pack stick/ATOLL as ATOLL/... plus extra members."""
-    with tarfile.open(out, "w") as tf:
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tf:
         tf.add(stick / "ATOLL", arcname="ATOLL")
         for info, data in extra:
             tf.addfile(info, io.BytesIO(data) if data is not None else None)
@@ -70,7 +70,7 @@ async def test_bad_tar_member_is_refused(installed: Box, member: tuple[tarfile.T
 async def test_oversized_manifest_member_is_refused(installed: Box) -> None:
     box = installed
     t = box.work / "big.tar"
-    with tarfile.open(t, "w") as tf:
+    with tarfile.open(t, "w", format=tarfile.USTAR_FORMAT) as tf:
         info, data = _member("ATOLL/bundle.json", data=b" " * (1024 * 1024 + 1))
         tf.addfile(info, io.BytesIO(data or b""))
     before = snapshot(box.state_dir)

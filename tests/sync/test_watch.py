@@ -33,9 +33,12 @@ async def test_stick_appearing_triggers_one_import(installed: Box, tmp_path: Pat
     seen: list[Path] = []
     mgr = box.manager()
 
+    sentinel = media / "SENTINEL"
+
     async def on_bundle(p: Path) -> None:
         seen.append(p)
-        await mgr.import_bundle(p)
+        if p != sentinel:
+            await mgr.import_bundle(p)
 
     w = UsbWatcher(on_bundle, [media, tmp_path / "absent"], settle_delays=(0.1, 0.5), debounce=0.2)
     await w.start()
@@ -43,9 +46,13 @@ async def test_stick_appearing_triggers_one_import(installed: Box, tmp_path: Pat
         # a user dir, then the "mount": the stick's tree appears under it
         (media / "user").mkdir()
         shutil.copytree(stick_src, media / "user" / "STICK")
+        # then a second bundle: its events queue behind every event of the copy, so once the watcher has
+        # reported it and has nothing pending (no scan, timer or import), the copy's events have all been handled
+        (sentinel / "ATOLL").mkdir(parents=True)
+        (sentinel / "ATOLL" / "bundle.json").write_text("{}")
         await _wait_for(lambda: (r := read_current_release(box.state_dir)) is not None and r.sequence == 2)
-        await asyncio.sleep(0.5)
-        assert seen == [media / "user" / "STICK"]
+        await _wait_for(lambda: sentinel in seen and not w.busy)
+        assert sorted(seen) == [sentinel, media / "user" / "STICK"]  # the stick was imported once
     finally:
         await w.stop()
     assert snapshot(media / "user" / "STICK") == stick_before  # the stick is only read
