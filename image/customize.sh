@@ -34,7 +34,7 @@ if [ "$test_mode" = 1 ]; then
   cat >"$rootfs/etc/systemd/system/atoll.service.d/50-test.conf" <<'EOF'
 # boot test only: Python is slow on qemu's emulated CPU; the hang trigger; IP counters
 [Service]
-Environment=ATOLL_TEST_HANG_SIGNAL=1 ATOLL_N_CTX=512 ATOLL_LOAD_TIMEOUT=300
+Environment=ATOLL_TEST_HANG_SIGNAL=1 ATOLL_N_CTX=512 ATOLL_LOAD_TIMEOUT=600 ATOLL_HEALTH_TIMEOUT=1200 ATOLL_REQUEST_TIMEOUT=1200
 TimeoutStartSec=900
 WatchdogSec=20
 IPAccounting=yes

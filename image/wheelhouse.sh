@@ -33,23 +33,32 @@ while [ $# -gt 0 ]; do
 done
 py=$here/.venv/bin/python
 [ -x "$py" ] || { echo "run image/setup.sh first (the pins come from .venv)" >&2; exit 1; }
+rm -rf "$out/wheels"   # rebuilt each time (pip's cache makes that quick); llama-cpu/ is kept
 mkdir -p "$out/wheels" "$out/llama-cpu"
 
-# 1. pins: atoll's runtime requirements, transitively, at the versions installed in .venv
-"$py" - >"$out/constraints.txt" <<'PY'
-from importlib.metadata import distribution
+# 1. pins: the requirements of this checkout's pyproject.toml, transitively, at the versions installed
+#    in .venv (what the tests ran with)
+"$py" - "$here/pyproject.toml" >"$out/constraints.txt" <<'PY'
+import sys, tomllib
+from importlib.metadata import PackageNotFoundError, distribution
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-pins, todo = {}, ["atoll"]
+with open(sys.argv[1], "rb") as f:
+    todo = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
+pins = {}
 while todo:
-    for r in distribution(todo.pop()).requires or []:
-        req = Requirement(r)
-        if req.marker and not req.marker.evaluate({"extra": ""}):
-            continue
-        name = canonicalize_name(req.name)
-        if name not in pins:
-            pins[name] = distribution(req.name).version
-            todo.append(req.name)
+    req = todo.pop()
+    if req.marker and not req.marker.evaluate({"extra": ""}):
+        continue
+    name = canonicalize_name(req.name)
+    if name in pins:
+        continue
+    try:
+        dist = distribution(req.name)
+    except PackageNotFoundError:
+        sys.exit(f"{req.name} is not installed in .venv: run image/setup.sh first")
+    pins[name] = dist.version
+    todo += [Requirement(r) for r in dist.requires or []]
 print("\n".join(f"{n}=={v}" for n, v in sorted(pins.items())))
 PY
 llama_version=$(sed -n 's/^llama-cpp-python==//p' "$out/constraints.txt")
@@ -111,7 +120,7 @@ if [ -n "$key" ]; then
   rm -rf "$out/bundle"
   "$here/.venv/bin/atoll" bundle create --model "smollm2=$models/SmolLM2-135M-Instruct.Q4_1.gguf" \
     --policy "$here/sync/policy.example.toml" \
-    --sequence 1 --expires 365d --out "$out/bundle" >/dev/null
+    --sequence 1 --expires 365d --root "$root_json" --out "$out/bundle" >/dev/null
   "$here/.venv/bin/atoll" bundle sign "$out/bundle" --key "$key" >/dev/null
   cp "$root_json" "$out/root.json"
 fi
