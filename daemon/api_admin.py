@@ -38,6 +38,9 @@ async def admin_status(request: web.Request) -> web.Response:
         "daemon_pid": os.getpid(),
         "daemon_rss_bytes": proc.memory_info().rss,
         "ready": s.scheduler.any_ready(),
+        "audit": s.security.status(),
+        "tls": (t := s.security.tls) and {"fingerprint_sha256": t.fingerprint, "not_after": t.not_after,
+                                          "subject": t.subject, "names": list(t.sans)},
         "governor": {"state": s.hardware.governor.state.name.lower(), "reason": s.hardware.reason,
                      "admitting": s.scheduler.controls.admitting},
         "models": [r.status() for _, r in sorted(s.scheduler.runners.items())],
@@ -58,12 +61,6 @@ async def admin_usage(request: web.Request) -> web.Response:
     """GET /admin/usage?limit=N: the latest usage records (metadata; text only if log_prompts)."""
     s = request.app[SERVICES]
     return web.json_response({"data": await s.db.run(s.db.usage, _limit(request))})
-
-
-async def admin_audit(request: web.Request) -> web.Response:
-    """GET /admin/audit?limit=N: the latest audit records (imports, tokens, throttled authentication)."""
-    s = request.app[SERVICES]
-    return web.json_response({"data": await s.db.run(s.db.audit_log, _limit(request))})
 
 
 async def admin_hardware(request: web.Request) -> web.Response:

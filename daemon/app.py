@@ -17,10 +17,12 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import api_admin, api_openai, api_updates
+from daemon import access, api_admin, api_auth, api_openai, api_updates, api_users
+from daemon.access import PUBLIC_PATHS
+from daemon.api_auth import auth_middleware
 from daemon.config import Settings
 from daemon.edge import EDGE, Edge
-from daemon.middleware import PUBLIC_PATHS, auth_middleware, errors_middleware
+from daemon.middleware import errors_middleware
 from daemon.schemas import BUNDLE_PATH_REQUEST, CHAT_REQUEST, COMPLETION_REQUEST, EMBEDDING_REQUEST, ERROR_RESPONSE
 from daemon.services import SERVICES, VERSION, Services, package_version
 
@@ -57,8 +59,6 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", openapi, "This document"),
     Route("GET", "/admin/status", api_admin.admin_status, "What the daemon serves (admin)"),
     Route("GET", "/admin/usage", api_admin.admin_usage, "Latest usage records (admin)"),
-    Route("GET", "/admin/audit", api_admin.admin_audit,
-          "Latest audit records: imports, rollbacks, tokens, throttled authentication (admin)"),
     Route("GET", "/admin/hardware", api_admin.admin_hardware,
           "Sensors, governor state and history, variant decisions and swaps (admin)"),
     Route("GET", "/admin/bundles", api_updates.get_bundles,
@@ -67,13 +67,16 @@ ROUTES: tuple[Route, ...] = (
           "Import a signed bundle: a tar body (application/x-tar) or {\"path\": DIR} on the box (admin)",
           BUNDLE_PATH_REQUEST),
     Route("POST", "/admin/rollback", api_updates.post_rollback, "Return to the previous release (admin)"),
+    *(Route(*r) for r in api_auth.ROUTES + api_users.ROUTES),
 )
 
 _ERRORS = {
-    "400": "Bad request: the message names the field", "401": "Missing, unknown or revoked token",
-    "403": "The token's role may not use this route", "404": "Unknown model",
-    "413": "Body over the size limit", "415": "Body not sent as application/json",
-    "429": "Queue full, or too many failed authentications from this address; see Retry-After",
+    "400": "Bad request: the message names the field",
+    "401": "Missing, unknown, expired or revoked token or session",
+    "403": "The role may not use this route, or a cookie request lacks its CSRF token or is cross-origin",
+    "404": "Unknown model", "413": "Body over the size limit", "415": "Body not sent as application/json",
+    "429": "Queue full, too many failed authentications, a token over its rate or quota, or a login "
+           "throttled or locked; see Retry-After",
     "503": "Model loading, broken or its worker crashed; see Retry-After",
     "504": "The request passed its deadline", "507": "The box's disk is full",
 }
@@ -89,8 +92,14 @@ def openapi_document(app_version: str) -> dict[str, Any]:
         if r.streams:
             ok["content"]["text/event-stream"] = {}
         op["responses"] = {"200": ok}
-        if r.path not in PUBLIC_PATHS:
-            op["security"] = [{"bearer": []}]
+        if (r.method, r.path) in access.CREDENTIAL_ROUTES:
+            op["security"] = []
+            op["x-credentials"] = "body"  # no token or session; the body carries them (401 without)
+            op["responses"].update({code: {"description": d, **err_ref} for code, d in _ERRORS.items()
+                                    if code in ("400", "401", "429")})
+        elif r.path not in PUBLIC_PATHS:
+            op["security"] = [{"bearer": []}, {"session": []}]
+            op["x-roles"] = sorted(access.allowed_roles(r.method, r.path))
             op["responses"].update({code: {"description": d, **err_ref} for code, d in _ERRORS.items()
                                     if r.request_schema or code in ("401", "403")})
         else:
@@ -108,7 +117,11 @@ def openapi_document(app_version: str) -> dict[str, Any]:
                                 "{\"error\": {\"message\", \"type\", \"code\", \"param\"}}."},
         "paths": paths,
         "components": {"schemas": {"Error": ERROR_RESPONSE},
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                       "securitySchemes": {
+                           "bearer": {"type": "http", "scheme": "bearer"},
+                           "session": {"type": "apiKey", "in": "cookie", "name": "atoll_session",
+                                       "description": "from POST /auth/login; state changes also need the "
+                                                      "X-CSRF-Token header and a same-origin request"}}},
     }
 
 

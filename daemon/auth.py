@@ -18,7 +18,7 @@ from typing import Any
 from daemon.db import StateDB, now_iso
 from runtime.errors import BadRequest, Unauthorized
 
-ROLES = ("user", "admin")
+ROLES = ("user", "admin", "auditor")
 TOKEN_RE = re.compile(r"^atoll_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
@@ -29,6 +29,7 @@ class Principal:
 
     name: str
     role: str
+    kind: str = "token"  # "token" or "session"
     token_id: str = ""
 
     @property
@@ -41,7 +42,7 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(db: StateDB, name: str, role: str) -> str:
+def create_token(db: StateDB, name: str, role: str, by: str = "local-admin") -> str:
     """Create a token; return it in clear (the only time it exists in clear)."""
     if role not in ROLES:
         raise BadRequest(f"unknown role {role!r}: one of {', '.join(ROLES)}", param="role")
@@ -56,7 +57,7 @@ def create_token(db: StateDB, name: str, role: str) -> str:
     secret = secrets.token_urlsafe(32)
     db.db.table("tokens").insert({"id": tid, "name": name, "role": role, "hash": _hash(secret),
                             "created": now_iso(), "revoked": None, "last_used": None})
-    db.audit("local-admin", "token.create", name=name, role=role)
+    db.audit(by, "token.create", name=name, role=role)
     return f"atoll_{tid}_{secret}"
 
 
@@ -80,16 +81,11 @@ def list_tokens(db: StateDB) -> list[dict[str, Any]]:
     return list(db.db.query("SELECT name, role, created, revoked, last_used FROM tokens ORDER BY created"))
 
 
-def revoke_token(db: StateDB, name: str) -> None:
+def revoke_token(db: StateDB, name: str, by: str = "local-admin") -> None:
     """Revoke the token called `name`."""
     row = db.db.execute("SELECT revoked FROM tokens WHERE name = ?", [name]).fetchone()
     if row is None:
         raise BadRequest(f"no token named {name!r}", param="name", code="token_not_found")
     if not row[0]:
         db.db.execute("UPDATE tokens SET revoked = ? WHERE name = ?", [now_iso(), name])
-        db.audit("local-admin", "token.revoke", name=name)
-
-
-def count_tokens(db: StateDB) -> int:
-    """Number of tokens ever created (revoked included)."""
-    return int(db.db.execute("SELECT count(*) FROM tokens").fetchone()[0])
+        db.audit(by, "token.revoke", name=name)

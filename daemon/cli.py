@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon import config
-from daemon.auth import create_token, list_tokens, revoke_token
+from daemon import cli_security, config
+from daemon.auth import list_tokens, revoke_token
 from daemon.db import StateDB
+from daemon.token_limits import create_limited_token
 from runtime.errors import AtollError
 from runtime.store import ModelStore
 from sync import cli as sync_cli
@@ -121,7 +122,8 @@ def cmd_models_plan(args: argparse.Namespace) -> int:
 def cmd_token_create(args: argparse.Namespace) -> int:
     """atoll token create."""
     db = StateDB(_settings(args).db_path)
-    print(create_token(db, args.name, args.role))
+    print(create_limited_token(db, args.name, args.role, "local-admin", args.expires_days, args.rate_per_minute,
+                               args.daily_token_quota)[0])
     return 0
 
 
@@ -155,8 +157,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     req = urllib.request.Request(  # noqa: S310 - scheme checked above
         f"{url.rstrip('/')}/admin/status", headers={"Authorization": f"Bearer {token}"})
     try:
-        # the URL is the admin's own daemon, http(s) only
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        # the URL is the admin's own daemon, http(s) only; a self-signed cert is trusted from the box's own file
+        with urllib.request.urlopen(req, timeout=10, context=cli_security.status_tls_context(  # noqa: S310
+                _settings(args), url)) as resp:
             st: dict[str, Any] = json.load(resp)
     except urllib.error.HTTPError as e:
         body = e.read().decode("utf-8", "replace")
@@ -182,6 +185,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"release: {'sequence ' + str(cur['sequence']) + ' (' + cur['version'] + ')' if cur else 'none installed'}"
           + (f"; importing: {prog.get('phase')} {prog.get('files_done')}/{prog.get('files_total')} files, "
              f"{prog.get('bytes_done')}/{prog.get('bytes_total')} bytes" if busy else ""))
+    if st.get("tls"):
+        print(f"TLS certificate SHA-256 fingerprint: {st['tls']['fingerprint_sha256']}")
     gov = st["governor"]
     print(f"governor: {gov['state']} ({gov['reason']}){'' if gov['admitting'] else ', NOT admitting new requests'}")
     for m in st["models"]:
@@ -247,9 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = sub.add_parser("token", help="API tokens").add_subparsers(dest="sub", required=True,
                                                                         metavar="ACTION")
     p = tokens.add_parser("create", help="create a token and print it (only this once) on stdout")
-    p.add_argument("--role", choices=["user", "admin"], required=True,
-                   help="user: inference only; admin: everything")
+    p.add_argument("--role", choices=["user", "admin", "auditor"], required=True,
+                   help="user: inference only; admin: everything; auditor: read-only audit log, usage, status")
     p.add_argument("--name", required=True, help="a unique name, e.g. the system that will use it")
+    p.add_argument("--expires-days", type=int, metavar="N", help="the token stops working N days from now")
+    p.add_argument("--rate-per-minute", type=int, metavar="N", help="requests per minute (over it: 429)")
+    p.add_argument("--daily-token-quota", type=int, metavar="N",
+                   help="prompt + completion tokens per UTC day (over it: 429)")
     _state_args(p)
     p.set_defaults(func=cmd_token_create)
     p = tokens.add_parser("list", help="list tokens (names, roles, dates; never secrets)")
@@ -261,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token_revoke)
 
     sync_cli.register(sub, settings=_box_settings, audit_factory=_cli_audit)
+    cli_security.register(sub, _settings, _state_args)
 
     p = sub.add_parser("status", help="ask the running daemon what it serves")
     p.add_argument("--url", help="daemon URL (default from settings: http://127.0.0.1:8080)")

@@ -99,6 +99,22 @@ class Settings:
     device_class: str = _opt("generic", "this box's device class, matched against a bundle's `compatible` list")
     health_timeout: float = _opt(120.0, "seconds the health check of a new release (each model loaded in a fresh "
                                  "worker, a smoke prompt) may take before the import is undone", minimum=0.1)
+    password_min_length: int = _opt(12, "shortest password accepted for an account (NIST SP 800-63B: length, "
+                                    "no composition rules)", minimum=8, maximum=256)
+    session_idle_minutes: float = _opt(30.0, "a login session ends after this many minutes without a request "
+                                       "(a signed policy may lower it)", minimum=1)
+    session_absolute_hours: float = _opt(12.0, "a login session ends this many hours after login, used or not "
+                                         "(a signed policy may lower it)", minimum=0.1)
+    login_backoff_seconds: float = _opt(1.0, "after N wrong passwords in a row, wait this times 2^(N-1) seconds "
+                                        "before the next try (per account and per source address)", minimum=0)
+    lockout_minutes: float = _opt(15.0, "how long the 6th wrong password in a row locks an account", minimum=0.1)
+    setup_code_minutes: float = _opt(60.0, "lifetime of the one-time setup code made on a box with no accounts",
+                                     minimum=1)
+    tls: bool = _opt(False, "serve HTTPS only (certificate from tls_cert/tls_key; make one with `atoll tls init`)")
+    tls_cert: str = _opt("", "TLS certificate chain, PEM (default: <state_dir>/tls/cert.pem)")
+    tls_key: str = _opt("", "TLS private key, PEM, unencrypted (default: <state_dir>/tls/key.pem)")
+    http_loopback_port: int = _opt(0, "with TLS on, also serve plain HTTP on 127.0.0.1 at this port (0: never)",
+                                   minimum=0, maximum=65535)
     governor: GovernorThresholds = field(default_factory=GovernorThresholds, metadata={
         "help": "thresholds of the thermal/memory governor: a [governor] table in the TOML file only",
         "toml_table": True})
@@ -123,7 +139,7 @@ class Settings:
         if self.public_url:
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
 
 def _type_of(f: dataclasses.Field[Any]) -> type:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-import json
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -39,8 +38,19 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
                         "detail": str}, pk="id")
 
 
+def _m_security(db: sqlite_utils.Database) -> None:
+    # The security modules import this one; import them when the step runs.
+    from daemon import accounts, audit, sessions, token_limits
+
+    audit.migrate_chain(db)
+    accounts.migrate_users(db)
+    sessions.migrate_sessions(db)
+    token_limits.migrate_token_limits(db)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
+    ("010_accounts_sessions_audit_chain", _m_security),
 ]
 
 
@@ -125,10 +135,15 @@ class StateDB:
         return list(self.db.query("SELECT * FROM usage ORDER BY id DESC LIMIT ?", [limit]))
 
     def audit(self, actor: str, action: str, outcome: str = "ok", **detail: Any) -> None:
-        """Append an audit record."""
-        self.db.table("audit").insert({"ts": now_iso(), "actor": actor, "action": action, "outcome": outcome,
-                                 "detail": json.dumps(detail, sort_keys=True, default=str)})
+        """Append an event to the hash-chained audit log (daemon.audit)."""
+        from daemon import audit
+
+        audit.append(self.db.conn, audit.Event(action, principal=actor, outcome=outcome,
+                                               reason=detail.pop("code", None) if outcome != "ok" else None,
+                                               detail=detail))
 
     def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
         """Most recent audit records, newest first."""
-        return list(self.db.query("SELECT * FROM audit ORDER BY id DESC LIMIT ?", [limit]))
+        from daemon import audit
+
+        return audit.query(self.db.conn, {}, limit)

@@ -331,7 +331,7 @@ class GuardedSite(web.TCPSite):
         def factory() -> _Conn:
             return _Conn(guard, JsonErrorsHandler(server, loop=loop, **kwargs))
 
-        self._server = await loop.create_server(factory, self._host, self._port,
+        self._server = await loop.create_server(factory, self._host, self._port, ssl=self._ssl_context,
                                                 backlog=self._backlog, reuse_address=self._reuse_address,
                                                 reuse_port=self._reuse_port)
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import psutil
 
@@ -28,6 +29,9 @@ class Limits:
     log_prompts: bool = False
     prompt_retention_days: int = 0
     allowed_families: frozenset[str] | None = None
+    session_idle_minutes: float | None = None
+    session_absolute_hours: float | None = None
+    audit_retention_days: int = 0
 
 
 def governor_thresholds(base: GovernorThresholds, policy: Policy | None) -> GovernorThresholds:
@@ -47,14 +51,24 @@ class PolicyEnforcer:
 
     def __init__(self, settings: Settings, limits: Limits, scheduler: Scheduler, hardware: HardwareControl) -> None:
         self.settings, self.limits, self.scheduler, self.hardware = settings, limits, scheduler, hardware
+        #: called with the new policy when one different from the last is put in force after the first
+        self.on_change: Callable[[Policy | None], None] | None = None
+        self._applied_once = False
+        self._in_force: Policy | None = None
 
     def apply(self, policy: Policy | None) -> None:
-        """Put a policy's limits in force (None: the settings alone)."""
+        """Put a policy's limits in force (None: the settings alone); a later change is reported to on_change."""
+        if self._applied_once and policy != self._in_force and self.on_change:
+            self.on_change(policy)
+        self._applied_once, self._in_force = True, policy
         s = self.settings
         self.limits.max_tokens = policy.max_tokens if policy else None
         self.limits.log_prompts = policy.log_prompts if policy else s.log_prompts
         self.limits.prompt_retention_days = policy.prompt_retention_days if policy else 0
         self.limits.allowed_families = frozenset(policy.allowed_families) if policy else None
+        self.limits.session_idle_minutes = policy.session_idle_minutes if policy else None
+        self.limits.session_absolute_hours = policy.session_absolute_hours if policy else None
+        self.limits.audit_retention_days = (policy.audit_retention_days or 0) if policy else 0
         self.scheduler.config.queue_size = policy.queue_size if policy else s.queue_size
         n_ctx = min(s.n_ctx, policy.max_context) if policy else s.n_ctx
         self.scheduler.config.n_ctx = n_ctx

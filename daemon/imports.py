@@ -37,9 +37,9 @@ class ImportService:
         self.db, self.applier, self._background = db, applier, background
         self._prober = hardware.prober
         loading = ModelHealthCheck(threads=settings.threads, load_timeout=settings.load_timeout,
-                                   placement=lambda: hardware.policy, snapshot=self._snapshot, record=self._audit)
+                                   placement=lambda: hardware.policy, snapshot=self._snapshot, record=self.audit)
         self.manager = SyncManager(settings.state_dir, settings.sync_config(version),
-                                   health_checks=(*DEFAULT_HEALTH_CHECKS, loading), audit=self._audit)
+                                   health_checks=(*DEFAULT_HEALTH_CHECKS, loading), audit=self.audit)
         self.last_result: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
         #: held while a bundle upload is received and imported: a second upload is refused (409)
@@ -49,7 +49,8 @@ class ImportService:
     async def _snapshot(self) -> Snapshot | None:
         return await self._prober.snapshot()
 
-    def _audit(self, event: str, detail: dict[str, Any]) -> None:
+    def audit(self, event: str, detail: dict[str, Any]) -> None:
+        """Record a sync event in the audit log (from the event loop or, at start-up, directly)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # start-up recovery, before the loop runs

@@ -15,6 +15,7 @@ from daemon.config import Settings
 from daemon.db import StateDB
 from daemon.enforce import Limits
 from daemon.governance import HardwareControl, make_source
+from daemon.security import Security
 from daemon.tasks import Background
 from daemon.updates import Updates
 from hardware.probe import Prober
@@ -36,6 +37,7 @@ class Services:
     updates: Updates
     limits: Limits
     background: Background
+    security: Security
     started: float = field(default_factory=time.monotonic)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -45,6 +47,7 @@ class Services:
     async def start(self) -> None:
         """Start the parts in order: state DB, the models, the governor."""
         await self.db.start()
+        await self.security.start(self.db, self.hardware.governor, lambda: self.limits.audit_retention_days)
         await self.scheduler.start()
         await self.hardware.start()
         await self.updates.start()
@@ -54,6 +57,7 @@ class Services:
         await self.updates.stop()
         await self.hardware.stop()
         await self.scheduler.stop()
+        await self.security.stop()
         await self.background.drain()
         await self.db.stop()
 
@@ -76,6 +80,10 @@ def bootstrap(settings: Settings) -> Services:
     store = ModelStore(settings.state_dir)
     store.ensure()
     db = StateDB(settings.db_path)
+    security = Security.open(settings.state_dir, db, idle_minutes=settings.session_idle_minutes,
+                             absolute_hours=settings.session_absolute_hours, lockout_minutes=settings.lockout_minutes,
+                             backoff_seconds=settings.login_backoff_seconds,
+                             password_min_length=settings.password_min_length)
     scheduler = Scheduler(SchedulerConfig(queue_size=settings.queue_size, request_timeout=settings.request_timeout,
                                           n_ctx=settings.n_ctx, threads=settings.threads,
                                           load_timeout=settings.load_timeout,
@@ -90,4 +98,4 @@ def bootstrap(settings: Settings) -> Services:
         log.warning("no models to serve in %s: add one with `atoll models add FILE.gguf` or import a bundle",
                     settings.state_dir)
     return Services(settings=settings, db=db, store=store, scheduler=scheduler, hardware=hardware,
-                    updates=updates, limits=limits, background=background)
+                    updates=updates, limits=limits, background=background, security=security)

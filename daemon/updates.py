@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -39,6 +40,8 @@ class Updates:
                  db: StateDB, limits: Limits, version: str, background: Background) -> None:
         self.applier = ReleaseApplier(settings, store, scheduler, hardware, limits)
         self.imports = ImportService(settings, hardware, db, self.applier, version, background)
+        self.applier.enforcer.on_change = lambda policy: self.imports.audit(
+            "policy.changed", {"policy": dataclasses.asdict(policy) if policy else None})
         self.current_watch = CurrentWatcher(settings.state_dir, self.applier, self.imports)
         self.purge = RetentionPurge(db, limits)
         self.usb = usb_watcher(settings.media_dirs, settings.usb_watch, self._import_stick)

@@ -293,6 +293,7 @@ class SyncManager:
             if vb.rotated:
                 await asyncio.to_thread(atomic_write, self.state_dir / "trust" / "root.json", vb.root.raw)
                 self.checkpoint("root_written")
+                self.audit("sync.trust_root.rotated", {"root_version": vb.root.version, "sequence": m.sequence})
             self._phase("committing")
             committed = replace(st, current=m.sequence, previous=st.current, highest_sequence=m.sequence,
                                 highest_digest=m.digest, newest_created=vb.time_floor,

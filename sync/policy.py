@@ -24,6 +24,13 @@ Example (every table and key shown is required unless marked optional):
     log_prompts = false
     prompt_retention_days = 0   # 1..3650 when log_prompts, else 0
 
+    [sessions]                  # optional: overrides the box's settings
+    idle_minutes = 30           # 1..1440
+    absolute_hours = 12         # 0.1..168
+
+    [audit]                     # optional
+    retention_days = 0          # 0 keeps every row; else 30..36500 (rows older are pruned at a signed cut)
+
 Unknown keys, wrong types and out-of-range values are refused with a message that
 names the key; a policy that fails here fails its whole bundle.
 """
@@ -60,6 +67,9 @@ class Policy:
     memory_critical_free_mb: int
     log_prompts: bool
     prompt_retention_days: int
+    session_idle_minutes: float | None = None
+    session_absolute_hours: float | None = None
+    audit_retention_days: int | None = None
 
 
 def _bad(msg: str) -> BundleRejected:
@@ -111,7 +121,7 @@ def parse_policy(data: bytes) -> Policy:
         doc = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise _bad(f"not valid TOML: {e}") from e
-    tables = {"models", "limits", "thermal", "memory", "logging"}
+    tables = {"models", "limits", "thermal", "memory", "logging", "sessions", "audit"}
     if extra := sorted(set(doc) - tables - {"schema"}):
         raise _bad(f"unknown key(s) at top level: {', '.join(extra)}")
     schema = doc.get("schema")
@@ -139,8 +149,17 @@ def parse_policy(data: bytes) -> Policy:
     logging_t = _Table(doc, "logging", {"log_prompts", "prompt_retention_days"})
     log_prompts = logging_t.bool("log_prompts")
     retention = logging_t.int("prompt_retention_days", 1 if log_prompts else 0, 3650 if log_prompts else 0)
+    idle = absolute = audit_days = None
+    if "sessions" in doc:
+        sessions = _Table(doc, "sessions", {"idle_minutes", "absolute_hours"})
+        idle, absolute = sessions.float("idle_minutes", 1, 1440), sessions.float("absolute_hours", 0.1, 168)
+    if "audit" in doc:
+        audit_days = _Table(doc, "audit", {"retention_days"}).int("retention_days", 0, 36_500)
+        if 0 < audit_days < 30:
+            raise _bad(f"audit.retention_days = {audit_days}: 0 (keep every row) or at least 30")
     return Policy(tuple(fams), max_context, max_tokens, limits.int("queue_size", 1, 10_000),
-                  constrained_c, critical_c, mem_constrained, mem_critical, log_prompts, retention)
+                  constrained_c, critical_c, mem_constrained, mem_critical, log_prompts, retention,
+                  idle, absolute, audit_days)
 
 
 def load_policy(path: Path) -> Policy:

@@ -45,7 +45,7 @@ def rows(state: Path, sql: str) -> list[tuple[Any, ...]]:
 def audit(state: Path) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(actor, action, outcome, detail) of every audit row, oldest first."""
     return [(a, b, c, json.loads(d)) for a, b, c, d in
-            rows(state, "SELECT actor, action, outcome, detail FROM audit ORDER BY id")]
+            rows(state, "SELECT principal, action, outcome, detail FROM audit_chain ORDER BY seq")]
 
 
 @pytest.fixture
@@ -106,10 +106,10 @@ def test_token_revoke(state: Path) -> None:
 def test_duplicate_token_name_fails_and_changes_nothing(state: Path) -> None:
     first = atoll("token", "create", "--role", "user", "--name", "dup", "--state-dir", state)
     assert first.returncode == 0
-    before = (rows(state, "SELECT * FROM tokens"), rows(state, "SELECT * FROM audit"))
+    before = (rows(state, "SELECT * FROM tokens"), rows(state, "SELECT * FROM audit_chain"))
     r = atoll("token", "create", "--role", "admin", "--name", "dup", "--state-dir", state)
     assert_clean_failure(r, 1, "'dup'", "already exists")
-    assert (rows(state, "SELECT * FROM tokens"), rows(state, "SELECT * FROM audit")) == before
+    assert (rows(state, "SELECT * FROM tokens"), rows(state, "SELECT * FROM audit_chain")) == before
 
 
 def test_bad_role_is_a_usage_error(state: Path) -> None:

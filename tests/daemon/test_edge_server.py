@@ -232,7 +232,7 @@ async def test_failed_authentication_is_throttled_per_address_and_audited(serve)
     status, body, _ = await srv.get("/admin/audit", srv.admin)
     assert status == 200
     throttled = [r for r in body["data"] if r["action"] == "auth.throttled"]
-    assert len(throttled) == 1 and throttled[0]["actor"] == "ip:127.0.0.1"
+    assert len(throttled) == 1 and throttled[0]["source"] == "127.0.0.1"
 
 
 async def test_usage_retention_purges_old_rows_and_last_used_is_written_once_a_minute(serve, state_dir) -> None:

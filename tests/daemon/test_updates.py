@@ -63,7 +63,7 @@ async def post_path(app: Any, path: Path) -> Any:
 
 def audit_actions(state_dir: Path) -> list[tuple[str, str, str]]:
     with sqlite3.connect(state_dir / "atoll.db") as c:
-        return list(c.execute("SELECT actor, action, outcome FROM audit ORDER BY id"))
+        return list(c.execute("SELECT principal, action, outcome FROM audit_chain ORDER BY seq"))
 
 
 async def test_import_by_path_serves_the_new_model_and_applies_the_policy_live(

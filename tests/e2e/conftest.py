@@ -46,6 +46,7 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = state_dir
         self.lines: list[str] = []
+        self._token: str | None = None
         self.t_start = time.monotonic()
         self.proc = subprocess.Popen(
             [ATOLL, "serve", "--state-dir", str(state_dir), "--host", "127.0.0.1", "--port", str(self.port),
@@ -71,12 +72,22 @@ class Daemon:
         raise AssertionError("daemon not ready in time:\n" + "".join(self.lines))
 
     def token(self) -> str:
-        """The admin token printed on first start."""
+        """An admin API token, made on the box with `atoll token create` (the daemon prints none)."""
+        if self._token is None:
+            name = f"e2e-{len(self.lines)}-{time.monotonic_ns()}"
+            r = subprocess.run([ATOLL, "token", "create", "--role", "admin", "--name", name, "--state-dir",
+                                str(self.state_dir)], capture_output=True, text=True, timeout=60, check=False)
+            assert r.returncode == 0, r.stderr
+            self._token = r.stdout.strip()
+        return self._token
+
+    def setup_code(self) -> str:
+        """The one-time setup code printed on first start."""
         for line in self.lines:
-            m = re.search(r"\b(atoll_[0-9a-f]{8}_[A-Za-z0-9_-]{43})\b", line)
+            m = re.search(r"\b([0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4})\b", line)
             if m:
                 return m.group(1)
-        raise AssertionError("no token printed:\n" + "".join(self.lines))
+        raise AssertionError("no setup code printed:\n" + "".join(self.lines))
 
     def stop(self) -> int:
         """SIGTERM and wait; return the exit status."""

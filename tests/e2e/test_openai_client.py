@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 
 import openai
 import psutil
@@ -70,12 +72,10 @@ def test_openai_client_sees_errors_as_its_own_exceptions(daemon: Daemon) -> None
     assert "embeddings" in str(emb.value)
 
 
-def test_first_start_prints_one_admin_token_and_url_then_status_and_clean_stop(daemon: Daemon) -> None:
+def test_status_then_clean_stop(daemon: Daemon) -> None:
     daemon.wait_ready()
     token = daemon.token()
-    out = "".join(daemon.lines)
-    assert out.count(token) == 2  # the token line and the curl example
-    assert f"{daemon.url}/v1/models" in out
+    assert token not in "".join(daemon.lines)
     st = subprocess.run([ATOLL, "status", "--url", daemon.url], capture_output=True, text=True,
                         env={**os.environ, "ATOLL_TOKEN": token}, timeout=30)
     assert st.returncode == 0, st.stderr
@@ -109,16 +109,36 @@ def test_openai_client_embeddings(state_dir, smollm2_path) -> None:
         d.stop()
 
 
-def test_second_start_creates_no_new_token(state_dir) -> None:
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_first_start_prints_a_setup_code_and_no_credential(state_dir) -> None:
     first = Daemon(state_dir)
     first.wait_ready()
-    token = first.token()
+    code = first.setup_code()
+    assert (state_dir / "setup-code").stat().st_mode & 0o777 == 0o600
+    assert any(f"{first.url}/auth/setup" in line for line in first.lines)
+    body = {"code": code, "username": "ward-admin", "password": "a long enough password"}
+    assert _post(f"{first.url}/auth/setup", body)[0] == 201
+    status, err = _post(f"{first.url}/auth/setup", {**body, "username": "second-admin"})
+    assert status == 401 and err["error"]["code"] == "setup_code_invalid"
+    assert not (state_dir / "setup-code").exists()
+    assert _post(f"{first.url}/auth/login", {"username": "ward-admin", "password": body["password"]})[0] == 200
     assert first.stop() == 0
     second = Daemon(state_dir)
     try:
         second.wait_ready()
-        assert not any("atoll_" in line for line in second.lines)
-        c = client(second, token)
+        journal = "".join(first.lines + second.lines)
+        assert "atoll_" not in journal and "setup code" not in "".join(second.lines)
+        # the only secret the journal ever held is spent
+        assert _post(f"{second.url}/auth/setup", {**body, "username": "late"})[0] == 401
+        c = client(second, second.token())
         assert [m.id for m in c.models.list().data] == ["smollm2"]
     finally:
         second.stop()

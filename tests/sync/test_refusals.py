@@ -135,6 +135,7 @@ async def test_root_rotation_signed_by_old_and_new_is_accepted(installed: Box) -
     stick = box.bundle("b2", 2, signers=new_bundle[:2], root_chain=(rp,))
     assert (await box.manager().import_bundle(stick)).status == "installed"
     assert json.loads((box.state_dir / "trust" / "root.json").read_text())["signed"]["version"] == 2
+    assert ("sync.trust_root.rotated", {"root_version": 2, "sequence": 2}) in box.audit_log
     # the old bundle keys are no longer trusted
     await refused(box, box.bundle("b3", 3, root_version=2), "unknown_key")
 
