@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from daemon.config import Settings
 from daemon.enforce import Limits, PolicyEnforcer
@@ -73,6 +74,8 @@ class ReleaseApplier:
         #: the sequence `current` pointed to when last applied (None: no release)
         self.applied: int | None = current_target(settings.state_dir)
         self._lock = asyncio.Lock()
+        #: Called with True when a release switch starts being applied and False when done (systemd notify).
+        self.reload_listeners: list[Callable[[bool], None]] = []
 
     def release(self) -> Release | None:
         """The installed signed release, if any."""
@@ -89,9 +92,16 @@ class ReleaseApplier:
         self.runners.add_runners(self.runners.served_families(release), snap, State.NORMAL)
 
     async def reload(self) -> None:
-        """Bring policy and served models in line with the current release (one reload at a time)."""
+        """Bring policy and served models in line with the current release (one reload at a time;
+        listeners hear its start and end)."""
         async with self._lock:
-            await self._reload()
+            for listener in self.reload_listeners:
+                listener(True)
+            try:
+                await self._reload()
+            finally:
+                for listener in self.reload_listeners:
+                    listener(False)
 
     def _read(self) -> tuple[int | None, Policy | None, Release | None]:
         seen = current_target(self.settings.state_dir)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -17,24 +14,13 @@ from daemon.app import create_app
 from daemon.config import Settings
 from daemon.db import StateDB
 from daemon.edge import GuardedSite, server_options
+from daemon.notify import Notifier, ServiceNotify, configure_logging
 from daemon.services import Services, bootstrap
 
 log = logging.getLogger(__name__)
 
 #: Retry-After (seconds) given to requests refused while the daemon stops (systemd restarts it in seconds).
 SHUTDOWN_RETRY_AFTER = 30.0
-
-
-def sd_notify(message: str) -> None:
-    """Send a message to systemd's notify socket if we run under Type=notify (no-op otherwise)."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(message.encode())
 
 
 def first_start_code(settings: Settings, db: StateDB) -> str | None:
@@ -115,21 +101,22 @@ async def serve(settings: Settings) -> None:
               f"or on the box: atoll user create --role admin NAME\n", flush=True)
     else:
         print(f"atoll: serving on {url} (OpenAI base_url {url}/v1)", flush=True)
-    sd_notify("READY=1")
+    notify = ServiceNotify(Notifier.from_env(), services)
+    await notify.start()  # READY=1 once every served family has settled
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("atoll stopping: draining requests (up to %.0f s)", settings.shutdown_drain_seconds)
-    sd_notify("STOPPING=1")
+    notify.stopping()
     await drain_for_shutdown(services, settings)
     await runner.cleanup()
+    await notify.stop()
     log.info("atoll stopped")
 
 
 def run(settings: Settings) -> None:
     """Blocking entry point for `atoll serve`."""
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     asyncio.run(serve(settings))

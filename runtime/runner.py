@@ -124,6 +124,10 @@ class ModelRunner:
         if self.worker:
             await self.worker.stop()
 
+    def alive(self) -> bool:
+        """Whether its supervisor and dispatcher run (a broken or stopped runner has none and counts as alive)."""
+        return self.state in ("broken", "stopped") or (bool(self._tasks) and not any(t.done() for t in self._tasks))
+
     async def _start_worker(self) -> bool:
         self.worker = WorkerProcess(self.spec)
         try:

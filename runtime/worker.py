@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from runtime import protocol as p
+from runtime.lifeline import die_with_parent
 from runtime.prompt import (
     RequestError,
     StopScanner,
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--embedding", action="store_true")
     ap.add_argument("--pooling", choices=["model", "mean"], default="model")
     args = ap.parse_args(argv)
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"worker[{os.getpid()}] %(levelname)s %(message)s")
     proto = os.fdopen(os.dup(1), "wb")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from runtime import protocol as p
 from runtime.errors import Unavailable, WorkerCrashed
+from runtime.lifeline import PARENT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class WorkerProcess:
         """Spawn the worker and wait until its model is loaded; return its ready event."""
         env = dict(os.environ)
         env["PYTHONPATH"] = _SOURCE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # only the daemon talks to systemd
+            env.pop(name, None)
+        env[PARENT_ENV] = str(os.getpid())  # the worker exits when this process dies (runtime.lifeline)
         self.proc = await asyncio.create_subprocess_exec(
             *self.spec.argv(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, limit=LINE_LIMIT, env=env, start_new_session=True)

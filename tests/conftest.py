@@ -22,6 +22,22 @@ from daemon.services import bootstrap
 from runtime.store import ModelStore
 from tests.blocking import Detections, detector
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """--image: also run the tests that need the built wheelhouse and Debian image (marker `image`)."""
+    parser.addoption("--image", action="store_true", help="run the `image` tests (image/test-image.sh passes it)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the `image` tests unless --image was given (they are counted as deselected)."""
+    if config.getoption("--image"):
+        return
+    keep = [i for i in items if i.get_closest_marker("image") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("image") is not None])
+        items[:] = keep
+
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(os.environ.get("ATOLL_MODELS_DIR", ROOT / ".cache" / "models"))
 SMOLLM2 = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
