@@ -31,6 +31,9 @@ from runtime.store import ModelStore, Variant
 
 log = logging.getLogger(__name__)
 
+#: Runner states with a worker on its way: its RAM is not counted as reclaimable yet, so it is planned once ready.
+_WARMING = ("loading", "restarting")
+
 
 def make_source(settings: Settings) -> SnapshotSource:
     """The machine's sensors, or a recorded timeline when --sensor-replay is set."""
@@ -68,6 +71,7 @@ class HardwareControl:
         self.reason = "no threshold crossed since start"
         self.swap_latencies: list[dict[str, Any]] = []
         self._drain_task: asyncio.Task[None] | None = None
+        self._replan_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the governor loop (its first tick runs at once)."""
@@ -76,8 +80,9 @@ class HardwareControl:
     async def stop(self) -> None:
         """Stop the governor loop and release the sensors."""
         await self.governor.stop()
-        if self._drain_task:
-            self._drain_task.cancel()
+        for task in (self._drain_task, self._replan_task):
+            if task:
+                task.cancel()
         self.prober.close()
 
     async def _on_transition(self, tr: Transition, snap: Snapshot) -> None:
@@ -102,13 +107,23 @@ class HardwareControl:
                                for r in self.scheduler.runners.values()))
 
     async def apply(self, snap: Snapshot | None, state: State, t_change: float | None = None) -> None:
-        """Choose each family's variant for this state and start the swaps that are needed."""
+        """Choose each family's variant for this state and start the swaps that are needed.
+
+        A family whose worker is still loading (or restarting) is not swapped now: what it will give
+        back is not counted yet, so a stop-first swap could look impossible. Once it is ready the
+        plan is made again from the governor's latest snapshot and state.
+        """
         runners = self.scheduler.runners
+        if any(r.state in _WARMING for r in runners.values()) and (
+                self._replan_task is None or self._replan_task.done()):
+            self._replan_task = asyncio.create_task(self._replan_when_ready(t_change), name="replan-when-ready")
         loaded = sum(footprint(r.variant, r.spec.n_ctx, r.spec.n_gpu_layers) for r in runners.values()
                      if r.state == "ready")
         self.decisions = decide({n: r.variants for n, r in runners.items()}, snap, state, self.policy, loaded)
         for fam, d in self.decisions.items():
             r = runners[fam]
+            if r.state in _WARMING:
+                continue
             if d.variant is None or (d.variant.digest, d.n_ctx, d.n_gpu_layers) == (
                     r.variant.digest, r.spec.n_ctx, r.spec.n_gpu_layers):
                 continue
@@ -121,6 +136,18 @@ class HardwareControl:
                      d.variant.quantization, d.n_ctx, "load first" if overlap else "stop first", d.why)
             if t_change is not None:
                 fut.add_done_callback(functools.partial(self._swap_done, fam=fam, state=state, t_change=t_change))
+
+    async def _replan_when_ready(self, t_change: float | None) -> None:
+        while warming := [r for r in self.scheduler.runners.values() if r.state in _WARMING]:
+            waits = [asyncio.create_task(r.ready.wait()) for r in warming]
+            try:  # the timeout re-reads the runners: one may be removed by a release switch while it loads
+                await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in waits:
+                    t.cancel()
+        log.info("every model is loaded: planning the variants again for the %s state",
+                 self.governor.state.name.lower())
+        await self.apply(self.governor.last_snapshot, self.governor.state, t_change)
 
     def _swap_done(self, fut: asyncio.Future[bool], *, fam: str, state: State, t_change: float) -> None:
         if fut.cancelled():
