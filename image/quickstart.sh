@@ -3,7 +3,8 @@
 # and start the daemon in the foreground on 0.0.0.0:8080.
 #
 # State lives in $ATOLL_STATE_DIR (default ./.atoll in this checkout; the systemd unit
-# uses /var/lib/atoll). On first start the daemon prints an admin token and the URL.
+# uses /var/lib/atoll). On first start the daemon prints a one-time setup code and the URL
+# to create the first admin account with (README).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
