@@ -57,6 +57,17 @@ class Box(abc.ABC):
                       "cat /sys/fs/cgroup/systemd/system.slice/atoll.service/cgroup.procs")
         return {int(x) for x in out.split()}
 
+    proc: subprocess.Popen[bytes]
+
+    def _wait_or_kill(self, timeout: float) -> int:
+        """Wait for the booted machine's process to exit, killing its group after `timeout`; its status."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        return int(self.proc.returncode)
+
     def pid_alive(self, pid: int) -> bool:
         """Whether a pid exists in the guest."""
         return self.sh(f"test -d /proc/{pid} && echo yes || echo no").strip() == "yes"
@@ -120,12 +131,7 @@ class NspawnBox(Box):
         """Orderly shutdown (SIGTERM to nspawn = poweroff in the container); the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return self._wait_or_kill(timeout)
 
 
 class QemuBox(Box):
@@ -243,12 +249,7 @@ class QemuBox(Box):
         if self.proc.poll() is None:
             with contextlib.suppress(OSError, AssertionError):
                 self._shell.sendall(b"systemctl poweroff\n")
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return self._wait_or_kill(timeout)
 
 
 def make_stick(src: Path, out: Path, size_mb: int = 256, features: str = "") -> Path:

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from daemon.schemas import ACCEPTED_IGNORED, CHAT_REQUEST, COMPLETION_REQUEST, E
 from runtime import protocol as p
 from runtime.runner import _worker_error
 from tests.conftest import snapshot_tree
+from tests.daemon.probes import healthz_latencies
 
 ROOT = Path(__file__).resolve().parents[2]
 MSGS = [{"role": "user", "content": "hi"}]
@@ -204,18 +204,6 @@ def test_worker_failure_text_never_reaches_the_client() -> None:
     assert err.code == "inference_failed"  # type: ignore[attr-defined]
 
 
-async def _healthz_gaps(app: Any, until: asyncio.Future[Any]) -> list[float]:
-    """Time each /healthz answer takes while `until` runs."""
-    gaps = []
-    while not until.done():
-        t0 = time.perf_counter()
-        r = await app.client.get("/healthz")
-        assert r.status == 200
-        gaps.append(time.perf_counter() - t0)
-        await asyncio.sleep(0.01)
-    return gaps
-
-
 async def test_127094_empty_messages_are_refused_fast_and_healthz_answers_meanwhile(make_app, state_dir) -> None:
     app = await make_app()
     before = snapshot_tree(state_dir)
@@ -223,7 +211,7 @@ async def test_127094_empty_messages_are_refused_fast_and_healthz_answers_meanwh
                       separators=(",", ":")).encode()
     assert len(body) < 4 * 1024 * 1024
     big = asyncio.ensure_future(_post(app, "/v1/chat/completions", body))
-    gaps = await _healthz_gaps(app, big)
+    gaps = await healthz_latencies(app, big.done)
     r = big.result()
     err = _shape(await r.json())
     assert r.status == 400 and err["param"] == "messages" and err["code"] == "too_many_messages", err

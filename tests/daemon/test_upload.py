@@ -4,32 +4,20 @@ serialized before they are written (issue 7 item 12)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
+from tests.daemon.probes import healthz_latencies
 from tests.daemon.test_updates import keyring, provisioned  # noqa: F401 - fixtures
 from tests.sync.test_tar_hostile import HOSTILE
 
 TAR = {"Content-Type": "application/x-tar"}
 
 
-async def _healthz_latencies(app: Any, stop: asyncio.Event) -> list[float]:
-    out = []
-    while not stop.is_set():
-        t0 = time.perf_counter()
-        r = await app.client.get("/healthz")
-        assert r.status == 200
-        out.append(time.perf_counter() - t0)
-        await asyncio.sleep(0.01)
-    return out
-
-
 async def test_healthz_answers_during_hostile_uploads(make_app, provisioned: Path) -> None:  # noqa: F811
     app = await make_app()
     stop = asyncio.Event()
-    poll = asyncio.create_task(_healthz_latencies(app, stop))
+    poll = asyncio.create_task(healthz_latencies(app, stop.is_set))
     try:
         for case in ("pax-1MiB-digits", "pax-huge-header", "gnu-sparse", "gnu-longname", "too-many-members"):
             data, code = HOSTILE[case]
